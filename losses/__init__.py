@@ -1,0 +1,1 @@
+"""Losses of st-viomni, imported as ``st_viomni.losses``."""

@@ -1,0 +1,17 @@
+"""st-viomni: viOmniQwen unified multimodal embeddings as a sentence-transformers plugin."""
+
+from .formatting import CHAT_TEMPLATE, format_input, load_image
+from .model import build_model
+from .tasks import PREFIXES, TASK_NAMES, TASKS, Task, get_task
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "PREFIXES",
+    "TASKS",
+    "TASK_NAMES",
+    "Task",
+    "build_model",
+    "format_input",
+    "get_task",
+    "load_image",
+]

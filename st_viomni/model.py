@@ -1,0 +1,102 @@
+"""Assemble a viOmniQwen model from stock sentence-transformers modules.
+
+Qwen2-VL -> mean pooling over every non-padding token (text and image tokens) -> Dense to ``embedding_dim``
+(no activation) -> L2 normalisation, with the five task prompts registered. Everything that makes the
+model "viOmni" is data saved with it (prompts, chat template, pixel budgets, Dense weights), so a saved
+model loads with plain ``SentenceTransformer(path)``, without st-viomni and without ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules import Dense, Normalize, Transformer
+from sentence_transformers.sentence_transformer.modules import Pooling
+
+from .formatting import CHAT_TEMPLATE
+from .tasks import PREFIXES
+
+
+def build_model(
+    base_model_name_or_path: str | os.PathLike,
+    *,
+    embedding_dim: int = 1024,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    max_seq_length: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> SentenceTransformer:
+    """Build a viOmniQwen embedding model on a Qwen2-VL base checkpoint.
+
+    Args:
+        base_model_name_or_path: Hub id or local path of a Qwen2-VL checkpoint, either bare ``Qwen2VLModel``
+            weights or a ``Qwen2VLForConditionalGeneration`` checkpoint such as ``Qwen/Qwen2-VL-2B-Instruct``
+            (its LM head is not loaded).
+        embedding_dim: Output dimension of the Dense projection (the seed's model uses 1024).
+        min_pixels: Smallest image area after resizing, in pixels; with ``max_pixels`` it bounds the number
+            of visual tokens per image (one token per 28x28 pixels for Qwen2-VL). None keeps the base
+            checkpoint's budget. Saved with the model.
+        max_pixels: Largest image area after resizing, in pixels. None keeps the base checkpoint's budget.
+        max_seq_length: Longest input in tokens, text and image tokens together. None uses the language
+            model's ``max_position_embeddings`` (Qwen2-VL's composite config hides it from
+            sentence-transformers, which would otherwise leave it unbounded).
+        model_kwargs: Passed to ``from_pretrained`` of the Qwen2-VL model (e.g. ``{"dtype": torch.bfloat16,
+            "attn_implementation": "flash_attention_2"}``).
+
+    Returns:
+        A :class:`~sentence_transformers.SentenceTransformer` whose ``prompts`` are the task prefixes, so
+        ``model.encode(inputs, prompt_name="ocr")`` renders exactly what ``format_input("ocr", ...)`` renders.
+
+    Example:
+        ::
+
+            from st_viomni import build_model, format_input
+
+            model = build_model("Qwen/Qwen2-VL-2B-Instruct", max_pixels=768 * 28 * 28)
+            text = model.encode("The cat sat on the mat.", prompt_name="text_pair")
+            image = model.encode(format_input("vqa_single", "What colour is the cat?", ["cat.jpg"]))
+            model.save("viomni-2b")
+    """
+    if embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
+    transformer = Transformer(
+        os.fspath(base_model_name_or_path),
+        model_kwargs=model_kwargs,
+        # Flattening text-only batches would bypass Qwen2-VL's M-RoPE position computation.
+        unpad_inputs=False,
+    )
+    if transformer.config.model_type != "qwen2_vl":
+        raise ValueError(
+            f"{base_model_name_or_path!r} is a {transformer.config.model_type!r} checkpoint; "
+            "build_model expects Qwen2-VL (model_type 'qwen2_vl')"
+        )
+    processor = transformer.processor
+    processor.chat_template = CHAT_TEMPLATE
+    if min_pixels is not None or max_pixels is not None:
+        set_pixel_budget(transformer, min_pixels=min_pixels, max_pixels=max_pixels)
+    transformer.max_seq_length = max_seq_length or transformer.config.text_config.max_position_embeddings
+
+    hidden_size = transformer.get_embedding_dimension()
+    pooling = Pooling(hidden_size, pooling_mode="mean")
+    dense = Dense(hidden_size, embedding_dim, bias=True, activation_function=torch.nn.Identity())
+    dtype = next(transformer.model.parameters()).dtype
+    dense.to(dtype)
+    return SentenceTransformer(modules=[transformer, pooling, dense, Normalize()], prompts=dict(PREFIXES))
+
+
+def set_pixel_budget(transformer: Transformer, *, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Set the image (and video) resize budget of a Qwen2-VL ``Transformer`` module in place."""
+    for processor in (transformer.processor.image_processor, getattr(transformer.processor, "video_processor", None)):
+        if processor is None:
+            continue
+        size = dict(processor.size)
+        if min_pixels is not None:
+            size["shortest_edge"] = int(min_pixels)
+        if max_pixels is not None:
+            size["longest_edge"] = int(max_pixels)
+        if size["shortest_edge"] > size["longest_edge"]:
+            raise ValueError(f"min_pixels ({size['shortest_edge']}) exceeds max_pixels ({size['longest_edge']})")
+        processor.size = size
