@@ -1,7 +1,8 @@
 """st-viomni: viOmniQwen unified multimodal embeddings as a sentence-transformers plugin."""
 
 from .formatting import CHAT_TEMPLATE, format_input, load_image
-from .model import build_model
+from .inputs import check_inputs
+from .model import ViOmniQwen, build_model
 from .tasks import PREFIXES, TASK_NAMES, TASKS, Task, get_task
 
 __all__ = [
@@ -10,7 +11,9 @@ __all__ = [
     "TASKS",
     "TASK_NAMES",
     "Task",
+    "ViOmniQwen",
     "build_model",
+    "check_inputs",
     "format_input",
     "get_task",
     "load_image",

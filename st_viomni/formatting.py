@@ -130,16 +130,19 @@ def _decode(source: str | io.BytesIO, error_message: str) -> Image.Image:
     try:
         with Image.open(source) as opened:
             opened.load()
-            return _to_rgb(opened)
+            image = _to_rgb(opened)
+            # The file closes with the with-block: keep a copy, not the lazily backed original.
+            return image.copy() if image is opened else image
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{error_message}: {error}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    # exif_transpose always returns a new image, so the result never aliases the caller's or a closed file's.
-    image = ImageOps.exif_transpose(image)
-    if image.mode == "RGB":
+    """8-bit RGB with EXIF orientation applied; an image that is already that is returned as is (no copy)."""
+    orientation = image.getexif().get(0x0112, 1) if hasattr(image, "getexif") else 1
+    if image.mode == "RGB" and orientation in (None, 1):
         return image
+    image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit integer images: rescale to 8 bits instead of clipping everything above 255 to white.
         image = image.point(lambda value: value * (255 / 65535)).convert("L")

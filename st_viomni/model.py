@@ -3,12 +3,19 @@
 Qwen2-VL -> mean pooling over every non-padding token (text and image tokens) -> Dense to ``embedding_dim``
 (no activation) -> L2 normalisation, with the five task prompts registered. Everything that makes the
 model "viOmni" is data saved with it (prompts, chat template, pixel budgets, Dense weights), so a saved
-model loads with plain ``SentenceTransformer(path)``, without st-viomni and without ``trust_remote_code``.
+model loads with plain ``SentenceTransformer(path)``, without st-viomni and without ``trust_remote_code``,
+and encodes identically.
+
+:class:`ViOmniQwen` is that same ``SentenceTransformer`` plus input checks at preprocessing time (errors that
+name the offending input, images normalised to RGB once). It writes exactly the files a plain
+``SentenceTransformer`` writes.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,7 +24,61 @@ from sentence_transformers.base.modules import Dense, Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
 from .formatting import CHAT_TEMPLATE
+from .inputs import check_inputs, describe_input
 from .tasks import PREFIXES
+
+
+class ViOmniQwen(SentenceTransformer):
+    """A viOmniQwen embedding model: a stock ``SentenceTransformer`` that checks its inputs.
+
+    Load a saved model with ``ViOmniQwen(path)`` (or plain ``SentenceTransformer(path)``, which encodes the same
+    valid inputs identically but without these checks). :meth:`encode` (with the caller's indices) and
+    :meth:`preprocess` (used by training, with batch indices):
+
+    * rejects ``None``, a dict with neither text nor image, and a string naming a missing image file (stock
+      sentence-transformers would embed that string as text) with an error naming the input's index;
+    * decodes each image once to EXIF-oriented 8-bit RGB, naming the input of a corrupt or missing image;
+    * turns transformers' "Mismatch in image token count" (an input whose image tokens alone do not fit in
+      ``max_seq_length``) into an error naming the input. Over-long *text* is truncated as usual: the chat
+      template puts a turn's images before its text, so right-truncation only ever cuts text.
+    """
+
+    def encode(self, inputs: Any, *args, **kwargs):
+        # encode sorts inputs by length before batching; check here so that errors name the caller's index.
+        if isinstance(inputs, (list, tuple)) and not _is_conversation(inputs):
+            inputs = check_inputs(list(inputs))
+        else:
+            inputs = check_inputs([inputs])[0]
+        return super().encode(inputs, *args, **kwargs)
+
+    def preprocess(self, inputs: Sequence[Any], prompt: str | None = None, **kwargs) -> dict[str, Any]:
+        inputs = check_inputs(list(inputs))
+        try:
+            return super().preprocess(inputs, prompt=prompt, **kwargs)
+        except ValueError as error:
+            if not re.search(r"Mismatch in `?(image|video)`? token count", str(error)):
+                raise
+            raise ValueError(self._explain_overflow(inputs, prompt)) from error
+
+    def _explain_overflow(self, inputs: list[Any], prompt: str | None) -> str:
+        # Error path only: re-render each input untruncated to find the ones that do not fit.
+        limit = self.max_seq_length
+        untruncated = {"text": {"truncation": False}}
+        too_long = []
+        for index, value in enumerate(inputs):
+            features = super().preprocess([value], prompt=prompt, processing_kwargs=untruncated)
+            length = int(features["attention_mask"].sum())
+            if length > limit:
+                visual = int((features["mm_token_type_ids"] != 0).sum()) if "mm_token_type_ids" in features else 0
+                too_long.append(f"{describe_input(value)} ({length} tokens, {visual} of them image tokens)")
+        return (
+            f"{'; '.join(too_long) or 'an input'} does not fit in max_seq_length={limit} without cutting image "
+            "tokens; use fewer or smaller images (max_pixels) or raise max_seq_length"
+        )
+
+
+def _is_conversation(value: Sequence[Any]) -> bool:
+    return bool(value) and all(isinstance(item, dict) and "role" in item for item in value)
 
 
 def build_model(
@@ -28,7 +89,7 @@ def build_model(
     max_pixels: int | None = None,
     max_seq_length: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
-) -> SentenceTransformer:
+) -> ViOmniQwen:
     """Build a viOmniQwen embedding model on a Qwen2-VL base checkpoint.
 
     Args:
@@ -47,7 +108,7 @@ def build_model(
             "attn_implementation": "flash_attention_2"}``).
 
     Returns:
-        A :class:`~sentence_transformers.SentenceTransformer` whose ``prompts`` are the task prefixes, so
+        A :class:`ViOmniQwen` (a ``SentenceTransformer``) whose ``prompts`` are the task prefixes, so
         ``model.encode(inputs, prompt_name="ocr")`` renders exactly what ``format_input("ocr", ...)`` renders.
 
     Example:
@@ -84,7 +145,7 @@ def build_model(
     dense = Dense(hidden_size, embedding_dim, bias=True, activation_function=torch.nn.Identity())
     dtype = next(transformer.model.parameters()).dtype
     dense.to(dtype)
-    return SentenceTransformer(modules=[transformer, pooling, dense, Normalize()], prompts=dict(PREFIXES))
+    return ViOmniQwen(modules=[transformer, pooling, dense, Normalize()], prompts=dict(PREFIXES))
 
 
 def set_pixel_budget(transformer: Transformer, *, min_pixels: int | None, max_pixels: int | None) -> None:

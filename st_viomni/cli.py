@@ -1,0 +1,107 @@
+"""The ``st-viomni`` command line.
+
+Every command has ``--help``; bad arguments (missing model, unknown task, unreadable image) end with a
+one-line ``st-viomni: error: ...`` message and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+
+from .tasks import TASK_NAMES
+
+TINY = "tiny"
+
+
+def _build(args: argparse.Namespace) -> None:
+    from .model import build_model
+
+    with tempfile.TemporaryDirectory(prefix="tiny-qwen2-vl-") as scratch:
+        base = args.base
+        if base == TINY:
+            from .testing import make_tiny_base_model
+
+            base = str(make_tiny_base_model(scratch, seed=args.seed))
+        model = build_model(
+            base,
+            embedding_dim=args.embedding_dim,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
+            max_seq_length=args.max_seq_length,
+        )
+        model.save(args.output_dir)
+    print(f"saved a {model.get_embedding_dimension()}-d viOmni model on {args.base} to {args.output_dir}")
+
+
+def _encode(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from .formatting import format_input
+
+    sample = format_input(args.task, args.text, args.image)  # validates task, text and images before loading
+    embedding = load_model(args.model).encode([sample], convert_to_numpy=True)
+    if args.output:
+        np.save(args.output, embedding)
+        print(f"saved embedding of shape {embedding.shape} to {args.output}")
+    else:
+        np.set_printoptions(precision=5, suppress=True, threshold=sys.maxsize)
+        print(embedding)
+
+
+def load_model(name_or_path: str):
+    """Load a saved viOmni model from a directory or a hub id (``ORG/NAME``), naming a missing directory."""
+    from .model import ViOmniQwen
+
+    is_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not os.path.isdir(name_or_path) and not is_hub_id:
+        raise FileNotFoundError(f"model directory not found: {name_or_path!r}")
+    return ViOmniQwen(name_or_path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="st-viomni", description="viOmniQwen unified multimodal embeddings on sentence-transformers."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = commands.add_parser("build", help="build a viOmni model on a Qwen2-VL base and save it")
+    build.add_argument("output_dir", help="where to save the model")
+    build.add_argument("--base", default=TINY, help=f"Qwen2-VL checkpoint (hub id or path), or {TINY!r} (default) "
+                       "for the offline tiny Qwen2-VL")
+    build.add_argument("--embedding-dim", type=int, default=1024)
+    build.add_argument("--min-pixels", type=int, default=None)
+    build.add_argument("--max-pixels", type=int, default=None)
+    build.add_argument("--max-seq-length", type=int, default=None)
+    build.add_argument("--seed", type=int, default=0, help="seed of the tiny base's weights")
+    build.set_defaults(handler=_build)
+
+    encode = commands.add_parser("encode", help="embed one input (text, images or both) with a task prefix")
+    encode.add_argument("model", help="saved model directory or hub id")
+    encode.add_argument("--task", required=True, choices=TASK_NAMES)
+    encode.add_argument("--text", default=None)
+    encode.add_argument("--image", action="append", default=[], metavar="PATH", help="image file; repeat for more")
+    encode.add_argument("--output", default=None, metavar="FILE.npy", help="save the embedding instead of printing")
+    encode.set_defaults(handler=_encode)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    handler: Callable[[argparse.Namespace], None] = args.handler
+    try:
+        handler(args)
+    except (ValueError, FileNotFoundError, OSError, KeyError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        parser.exit(2, f"st-viomni: error: {message}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""A saved viOmni model loads with plain sentence-transformers, in a process that never imports st_viomni."""
+
+import json
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+from PIL import Image
+
+from st_viomni import format_input
+
+
+def test_plain_sentence_transformers_reloads_and_encodes_identically(tiny_model, tmp_path):
+    image_path = tmp_path / "scene.png"
+    Image.new("RGB", (90, 70), (200, 30, 30)).save(image_path)
+    pairs_text = "Con mèo ngồi trên tấm thảm."
+    # Inputs in the forms a plain sentence-transformers user would pass (paths, prompt names).
+    calls = [
+        ([pairs_text], "text_pair"),
+        ([str(image_path)], "ocr"),
+        ([{"image": str(image_path), "text": "Màu gì?"}], "vqa_single"),
+        ([{"image": [str(image_path), str(image_path)], "text": "Giống nhau không?"}], "vqa_multi"),
+        ([format_input("instr", "Dịch: xin chào")], None),
+    ]
+    expected = [tiny_model.encode(inputs, prompt_name=prompt) for inputs, prompt in calls]
+    model_dir = tmp_path / "model"
+    tiny_model.save(str(model_dir))
+
+    modules = json.loads((model_dir / "modules.json").read_text())
+    assert all(module["type"].startswith("sentence_transformers.") for module in modules)
+    (tmp_path / "calls.pkl").write_bytes(pickle.dumps(calls))
+
+    script = textwrap.dedent(
+        f"""
+        import pickle, sys
+        import numpy as np
+        from sentence_transformers import SentenceTransformer
+        model = SentenceTransformer({str(model_dir)!r})
+        calls = pickle.loads(open({str(tmp_path / "calls.pkl")!r}, "rb").read())
+        out = [model.encode(inputs, prompt_name=prompt) for inputs, prompt in calls]
+        imported = sorted(name for name in sys.modules if name.startswith("st_viomni"))
+        pickle.dump((out, imported, type(model).__name__), open({str(tmp_path / "out.pkl")!r}, "wb"))
+        """
+    )
+    # The pickled format_input output holds PIL images only; unpickling them needs PIL, not st_viomni.
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    reloaded, imported, class_name = pickle.loads((tmp_path / "out.pkl").read_bytes())
+    assert imported == [] and class_name == "SentenceTransformer"
+    for got, want in zip(reloaded, expected):
+        np.testing.assert_array_equal(got, want)
