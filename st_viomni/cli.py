@@ -53,6 +53,24 @@ def _encode(args: argparse.Namespace) -> None:
         print(embedding)
 
 
+def _push(args: argparse.Namespace) -> None:
+    if not os.path.isfile(os.path.join(args.model_dir, "modules.json")):
+        raise FileNotFoundError(f"not a saved sentence-transformers model (no modules.json): {args.model_dir!r}")
+    if args.repo_id.count("/") != 1 or args.repo_id.startswith("/") or args.repo_id.endswith("/"):
+        raise ValueError(f"--repo-id must look like ORG/NAME, got {args.repo_id!r}")
+    model = load_model(args.model_dir)
+    # replace_model_card=True re-renders the saved card with the repo id filled in, instead of probing the Hub
+    # for an existing README (which skips the card when the probe fails).
+    url = model.push_to_hub(
+        args.repo_id,
+        private=args.private,
+        replace_model_card=True,
+        commit_message=args.commit_message,
+        exist_ok=True,
+    )
+    print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
+
+
 def load_model(name_or_path: str):
     """Load a saved viOmni model from a directory or a hub id (``ORG/NAME``), naming a missing directory."""
     from .model import ViOmniQwen
@@ -87,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--image", action="append", default=[], metavar="PATH", help="image file; repeat for more")
     encode.add_argument("--output", default=None, metavar="FILE.npy", help="save the embedding instead of printing")
     encode.set_defaults(handler=_encode)
+
+    push = commands.add_parser("push", help="upload a saved model (weights, configs, processor, card) to the Hub")
+    push.add_argument("model_dir", help="saved model directory")
+    push.add_argument("--repo-id", required=True, metavar="ORG/NAME")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--commit-message", default="Add viOmniQwen model")
+    push.set_defaults(handler=_push)
     return parser
 
 

@@ -25,6 +25,7 @@ from sentence_transformers.sentence_transformer.modules import Pooling
 
 from .formatting import CHAT_TEMPLATE
 from .inputs import check_inputs, describe_input
+from .model_card import ViOmniModelCardData
 from .tasks import PREFIXES
 
 
@@ -41,7 +42,19 @@ class ViOmniQwen(SentenceTransformer):
     * turns transformers' "Mismatch in image token count" (an input whose image tokens alone do not fit in
       ``max_seq_length``) into an error naming the input. Over-long *text* is truncated as usual: the chat
       template puts a turn's images before its text, so right-truncation only ever cuts text.
+
+    Its model card (written by ``save`` and ``push_to_hub``) is viOmni's: see :mod:`st_viomni.model_card`.
     """
+
+    def __init__(self, *args, model_card_data: ViOmniModelCardData | None = None, **kwargs) -> None:
+        super().__init__(*args, model_card_data=model_card_data or ViOmniModelCardData(), **kwargs)
+
+    def _update_default_model_id(self, model_card: str) -> str:
+        # The card's usage snippet loads the model with plain SentenceTransformer(...), not with this class.
+        if not self.model_card_data.model_id:
+            return model_card
+        placeholder = f'SentenceTransformer("{self._model_card_model_id_placeholder}")'
+        return model_card.replace(placeholder, f'SentenceTransformer("{self.model_card_data.model_id}")')
 
     def encode(self, inputs: Any, *args, **kwargs):
         # encode sorts inputs by length before batching; check here so that errors name the caller's index.

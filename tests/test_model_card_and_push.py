@@ -1,0 +1,123 @@
+"""The model card written by save()/push_to_hub(), and `st-viomni push` against a stand-in for the Hub API."""
+
+import os
+import re
+import subprocess
+import sys
+
+import huggingface_hub
+import pytest
+
+from st_viomni.cli import main
+
+
+def _usage_snippet(card: str) -> str:
+    usage = card.split("## Usage", 1)[1]
+    return re.search(r"```python\n(.*?)```", usage, re.S).group(1)
+
+
+def test_card_shows_tasks_training_and_evaluation(tiny_model, tmp_path):
+    tiny_model.model_card_data.training_mix = {"ocr": {"samples": 2_500_000, "proportion": 0.223}}
+    tiny_model.model_card_data.loss_settings = {"loss": "PrefixRoutedLoss", "temperature": 0.05}
+    tiny_model.model_card_data.evaluation = [{"metric": "ocr recall@1", "before": 0.125, "after": 0.75}]
+    tiny_model.save(str(tmp_path))
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    for name, prefix in [("text_pair", "<text_pair>"), ("ocr", "<ocr>"), ("vqa_multi", "<vqa_multi>")]:
+        assert f"| `{name}` | `{prefix}` |" in card
+    assert "| `ocr` | 2,500,000 | 22.3% |" in card
+    assert "| temperature | `0.05` |" in card
+    assert "| ocr recall@1 | 0.1250 | 0.7500 |" in card
+    assert "viOmniQwen: Unified Multimodal Embeddings via Prefix-Guided Dynamic Loss Optimization" in card
+    assert "**Output dimensionality:** 32" in card
+
+
+def test_card_usage_snippet_runs_against_the_saved_model(tiny_model, tmp_path):
+    tiny_model.save(str(tmp_path / "model"))
+    snippet = _usage_snippet((tmp_path / "model" / "README.md").read_text(encoding="utf-8"))
+    assert 'SentenceTransformer("sentence_transformers_model_id")' in snippet
+    for form in ('prompt_name="text_pair"', 'prompt_name="ocr"', '{"image": scene, "text"', '"image": [scene,'):
+        assert form in snippet
+    script = snippet.replace("sentence_transformers_model_id", str(tmp_path / "model"))
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(2, 32) (32,) (32,)" in result.stdout
+
+
+class FakeHub:
+    """Records what `st-viomni push` sends to the Hub API instead of sending it."""
+
+    def __init__(self):
+        self.repos, self.uploads = [], []
+
+    def create_repo(self, api, repo_id, private=None, exist_ok=False, **kwargs):
+        self.repos.append({"repo_id": repo_id, "private": private})
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, api, repo_id, folder_path, **kwargs):
+        files = {}
+        for root, _, names in os.walk(folder_path):
+            for name in names:
+                path = os.path.join(root, name)
+                files[os.path.relpath(path, folder_path)] = open(path, "rb").read()
+        self.uploads.append({"repo_id": repo_id, "files": files})
+        return huggingface_hub.CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="", commit_description="",
+            oid="0" * 40,
+        )
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    hub = FakeHub()
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda api, *a, **k: hub.create_repo(api, *a, **k))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda api, *a, **k: hub.upload_folder(api, *a, **k))
+    return hub
+
+
+def test_push_uploads_the_complete_model(tiny_model, tmp_path, fake_hub, capsys):
+    tiny_model.save(str(tmp_path / "model"))
+    assert main(["push", str(tmp_path / "model"), "--repo-id", "erax/viOmniQwen-tiny", "--private"]) == 0
+    assert fake_hub.repos == [{"repo_id": "erax/viOmniQwen-tiny", "private": True}]
+    (upload,) = fake_hub.uploads
+    files = upload["files"]
+    for required in (
+        "model.safetensors",
+        "modules.json",
+        "config.json",
+        "config_sentence_transformers.json",
+        "sentence_bert_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "2_Dense/model.safetensors",
+        "1_Pooling/config.json",
+        "README.md",
+    ):
+        assert required in files, required
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    card = files["README.md"].decode()
+    assert 'SentenceTransformer("erax/viOmniQwen-tiny")' in card
+    assert b"<|vision_start|>" in files["chat_template.jinja"] and b"<vqa_multi>" in files["chat_template.jinja"]
+    assert "pushed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["push", "{tmp}/nothing-here", "--repo-id", "erax/x"], "not a saved sentence-transformers model"),
+        (["push", "{model}", "--repo-id", "no-slash"], "--repo-id must look like ORG/NAME"),
+    ],
+)
+def test_push_bad_arguments_give_a_one_line_error(tiny_model, tmp_path, fake_hub, capsys, argv, message):
+    tiny_model.save(str(tmp_path / "model"))
+    argv = [arg.format(tmp=tmp_path, model=tmp_path / "model") for arg in argv]
+    capsys.readouterr()  # drop the progress bars of save()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("st-viomni: error: ") and message in error and error.count("\n") == 1
+    assert fake_hub.uploads == []
