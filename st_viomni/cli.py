@@ -53,6 +53,40 @@ def _encode(args: argparse.Namespace) -> None:
         print(embedding)
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.output_dir)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .recipe import load_recipe
+    from .train import run_recipe
+
+    recipe = load_recipe(args.recipe)  # checks every key before anything is built
+    run = run_recipe(recipe)
+    print(f"trained model: {run.model_dir}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .data.sources import load_samples_by_task
+    from .evaluation import build_evaluator, summarize
+    from .recipe import SourceRecipe, load_recipe
+
+    if args.recipe:
+        sources = load_recipe(args.recipe).data.eval
+        if not sources:
+            raise ValueError(f"{args.recipe}: the recipe has no data.eval sources")
+    else:
+        sources = [SourceRecipe(mini=args.mini, split="test")]
+    samples = load_samples_by_task(sources, on_error="raise")
+    model = load_model(args.model)
+    metrics = summarize(build_evaluator(sample for part in samples.values() for sample in part)(model))
+    print(f"{'metric':32s} value")
+    for name, value in metrics.items():
+        print(f"{name:32s} {value:.4f}")
+
+
 def _push(args: argparse.Namespace) -> None:
     if not os.path.isfile(os.path.join(args.model_dir, "modules.json")):
         raise FileNotFoundError(f"not a saved sentence-transformers model (no modules.json): {args.model_dir!r}")
@@ -105,6 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--image", action="append", default=[], metavar="PATH", help="image file; repeat for more")
     encode.add_argument("--output", default=None, metavar="FILE.npy", help="save the embedding instead of printing")
     encode.set_defaults(handler=_encode)
+
+    demo = commands.add_parser(
+        "demo", help="build, train and evaluate a viOmni model on the built-in tiny Qwen2-VL and mini data (CPU)"
+    )
+    demo.add_argument("--output-dir", default="outputs/demo")
+    demo.set_defaults(handler=_demo)
+
+    train = commands.add_parser(
+        "train", help="run a training recipe (YAML); works under torchrun and accelerate launch; resumes"
+    )
+    train.add_argument("recipe", help="recipe file, e.g. recipes/tiny-cpu.yaml")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="retrieval recall@1 per task and cross-modal, text_pair Spearman")
+    evaluate.add_argument("model", help="saved model directory or hub id")
+    source = evaluate.add_mutually_exclusive_group()
+    source.add_argument("--mini", type=int, default=60, help="samples per task of the mini mixture's test split")
+    source.add_argument("--recipe", default=None, help="use the data.eval sources of this recipe")
+    evaluate.set_defaults(handler=_evaluate)
 
     push = commands.add_parser("push", help="upload a saved model (weights, configs, processor, card) to the Hub")
     push.add_argument("model_dir", help="saved model directory")

@@ -1,0 +1,248 @@
+"""Run a training recipe: build the model, mix the data, train with PrefixRoutedLoss, evaluate, save, push.
+
+The same code runs on one CPU, one GPU, and under ``torchrun`` / ``accelerate launch`` on many GPUs and nodes
+(DDP, DeepSpeed, FSDP through accelerate configs): every process runs :func:`run_recipe`; the trainer
+shards batches, and with ``loss.gather_across_devices`` every process scores its samples against the whole
+global batch. Re-running the same command after a crash resumes from the last checkpoint in
+``training.output_dir``.
+
+Outputs in ``training.output_dir``: ``checkpoint-*`` (safetensors, for resuming), ``final/`` (the trained
+model, with its model card) and ``metrics.json`` (evaluation before and after training, per-task losses).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from transformers import set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .data import ValidationReport, build_training_dataset, default_proportions, mix_tasks
+from .data.sources import load_samples_by_task
+from .evaluation import build_evaluator, summarize
+from .losses import CachedPrefixRoutedLoss, PrefixRoutedLoss
+from .model import ViOmniQwen, build_model
+from .recipe import Recipe, RecipeError
+from .tasks import TASK_NAMES
+
+logger = logging.getLogger(__name__)
+
+TINY_BASE = "tiny"
+
+
+@dataclass
+class TrainingRun:
+    """What a run produced: where the model is, and the evaluation before and after training."""
+
+    model_dir: str
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    log_history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: str | None = None
+    skipped_rows: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_recipe(recipe: Recipe, *, callbacks: list | None = None) -> TrainingRun:
+    """Train as the recipe says and return the run's results (see the module docstring)."""
+    output_dir = recipe.output_dir
+    set_seed(recipe.model.seed)
+    # Before the training arguments, which initialise torch.distributed: from then on transformers writes
+    # checkpoints on rank 0 only, and every process builds the tiny base into a directory of its own.
+    model = _build_model(recipe)
+    if recipe.lora is not None:
+        _add_lora(model, recipe)
+    arguments = training_arguments(recipe)
+
+    report = ValidationReport()
+    samples = load_samples_by_task(
+        recipe.data.train, streaming=recipe.data.streaming, on_error=recipe.data.on_error, report=report,
+        seed=recipe.data.seed,
+    )
+    proportions = _proportions(recipe, samples)
+    mixture = mix_tasks(samples, proportions, seed=recipe.data.seed)
+    train_dataset = build_training_dataset(mixture, on_error=recipe.data.on_error, report=report)
+
+    evaluator = None
+    if recipe.data.eval:
+        eval_samples = load_samples_by_task(recipe.data.eval, on_error="raise", seed=recipe.data.seed)
+        evaluator = build_evaluator(sample for part in eval_samples.values() for sample in part)
+
+    loss = _loss(model, recipe)
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=train_dataset,
+        loss=loss,
+        evaluator=evaluator,
+        callbacks=callbacks,
+    )
+    run = TrainingRun(model_dir=os.path.join(output_dir, "final"))
+    # The model is rebuilt from the base before resuming, so "before" is always the untrained model.
+    if evaluator is not None:
+        run.before = summarize(trainer.evaluate())
+    run.resumed_from = last_complete_checkpoint(output_dir)
+    if run.resumed_from:
+        logger.warning(f"resuming from {run.resumed_from}")
+    trainer.train(resume_from_checkpoint=run.resumed_from)
+    if evaluator is not None:
+        run.after = summarize(trainer.evaluate())
+    run.log_history = list(trainer.state.log_history)
+    run.skipped_rows = dict(report.counts)
+
+    _fill_model_card(model, recipe, mixture, proportions, loss, run, arguments)
+    if trainer.is_world_process_zero():
+        model.save(run.model_dir)
+        with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as file:
+            json.dump(run.to_dict(), file, indent=2, default=float)
+        if recipe.hub is not None:
+            model.push_to_hub(recipe.hub.repo_id, private=recipe.hub.private, exist_ok=True, replace_model_card=True)
+    return run
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that was written to the end, or None.
+
+    The trainer writes ``trainer_state.json`` after the weights, optimizer and RNG states, so a checkpoint
+    interrupted while being written (a killed job) lacks it, or holds a truncated one, and is passed over.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        prefix, _, step = name.partition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit():
+            steps.append(int(step))
+    for step in sorted(steps, reverse=True):
+        path = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        try:
+            with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as file:
+                json.load(file)
+        except (OSError, ValueError):
+            logger.warning(f"skipping incomplete checkpoint {path}")
+            continue
+        return path
+    return None
+
+
+def training_arguments(recipe: Recipe) -> SentenceTransformerTrainingArguments:
+    """The recipe's ``training`` section with the settings the loss and the data need enforced."""
+    values = {"report_to": "none", **recipe.training}
+    if recipe.loss.gather_across_devices:
+        if values.get("dataloader_drop_last") is False:
+            raise RecipeError(
+                "training.dataloader_drop_last: must be true with loss.gather_across_devices "
+                "(cross-device negatives need equal per-process batches)"
+            )
+        values["dataloader_drop_last"] = True
+    if recipe.data.streaming:
+        if not values.get("max_steps", -1) > 0:
+            raise RecipeError("training.max_steps: required with data.streaming (a stream has no length)")
+        # accelerate would otherwise cut every batch tensor to the batch size, including Qwen2-VL's pixel rows.
+        accelerator_config = dict(values.get("accelerator_config") or {})
+        accelerator_config["dispatch_batches"] = False
+        values["accelerator_config"] = accelerator_config
+    return SentenceTransformerTrainingArguments(**values)
+
+
+def _build_model(recipe: Recipe) -> ViOmniQwen:
+    spec = recipe.model
+    model_kwargs = {}
+    if spec.dtype:
+        model_kwargs["dtype"] = getattr(torch, spec.dtype)
+    if spec.attn_implementation:
+        model_kwargs["attn_implementation"] = spec.attn_implementation
+    options = dict(
+        embedding_dim=spec.embedding_dim,
+        min_pixels=spec.min_pixels,
+        max_pixels=spec.max_pixels,
+        max_seq_length=spec.max_seq_length,
+        model_kwargs=model_kwargs or None,
+    )
+    torch.manual_seed(spec.seed)  # the Dense projection's initialisation
+    if spec.base != TINY_BASE:
+        return build_model(spec.base, **options)
+    from .testing import make_tiny_base_model
+
+    # Every process builds its own (identical) copy: no file is shared between processes.
+    with tempfile.TemporaryDirectory(prefix="tiny-qwen2-vl-") as scratch:
+        base = make_tiny_base_model(scratch, seed=spec.seed)
+        torch.manual_seed(spec.seed)
+        return build_model(base, **options)
+
+
+def _add_lora(model: ViOmniQwen, recipe: Recipe) -> None:
+    try:
+        from peft import LoraConfig, TaskType
+    except ImportError:
+        raise RecipeError("lora: needs the peft package (pip install peft)") from None
+    spec = recipe.lora
+    model.add_adapter(
+        LoraConfig(
+            r=spec.r,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            target_modules=spec.target_modules,
+            task_type=TaskType.FEATURE_EXTRACTION,
+        )
+    )
+
+
+def _loss(model: ViOmniQwen, recipe: Recipe) -> PrefixRoutedLoss | CachedPrefixRoutedLoss:
+    spec = recipe.loss
+    options = dict(
+        temperature=spec.temperature,
+        mse_weight=spec.mse_weight,
+        cosine_weight=spec.cosine_weight,
+        triplet_weight=spec.triplet_weight,
+        margins=spec.margins,
+        gather_across_devices=spec.gather_across_devices,
+    )
+    if spec.cached:
+        return CachedPrefixRoutedLoss(model, mini_batch_size=spec.mini_batch_size, **options)
+    return PrefixRoutedLoss(model, **options)
+
+
+def _proportions(recipe: Recipe, samples: dict[str, Dataset | IterableDataset]) -> dict[str, float]:
+    if recipe.data.proportions == "seed":
+        return default_proportions(list(samples))
+    missing = set(samples) - set(recipe.data.proportions)
+    if missing:
+        raise RecipeError(f"data.proportions: no weight for task(s) {sorted(missing)} that have sources")
+    return {task: float(recipe.data.proportions[task]) for task in samples}
+
+
+def _fill_model_card(model, recipe, mixture, proportions, loss, run, arguments) -> None:
+    total = sum(proportions.values())
+    if isinstance(mixture, Dataset):
+        counts = {task: 0 for task in proportions}
+        for task in mixture["task"]:
+            counts[task] += 1
+    else:
+        world = max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+        seen = arguments.max_steps * arguments.per_device_train_batch_size * world * arguments.gradient_accumulation_steps
+        counts = {task: math.floor(seen * weight / total) for task, weight in proportions.items()}
+    model.model_card_data.training_mix = {
+        task: {"samples": counts[task], "proportion": proportions[task] / total}
+        for task in TASK_NAMES
+        if task in proportions
+    }
+    model.model_card_data.loss_settings = {
+        "loss": type(loss).__name__,
+        **loss.get_config_dict(),
+    }
+    model.model_card_data.evaluation = [
+        {"metric": metric, "before": run.before.get(metric), "after": run.after.get(metric)}
+        for metric in dict.fromkeys([*run.before, *run.after])
+    ]

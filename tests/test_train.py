@@ -1,0 +1,105 @@
+"""End to end: `st-viomni train` on the tiny model, under torchrun (2 CPU processes, gloo), and resuming."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from sentence_transformers import SentenceTransformer
+
+from st_viomni.train import last_complete_checkpoint
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def _write_recipe(path: Path, output_dir: Path, **training) -> Path:
+    recipe = yaml.safe_load((RECIPES / "tiny-cpu.yaml").read_text())
+    recipe["training"]["output_dir"] = str(output_dir)
+    recipe["training"].update(training)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_tiny_cpu_recipe_trains_under_torchrun_with_two_processes(tmp_path):
+    recipe = _write_recipe(tmp_path / "recipe.yaml", tmp_path / "run")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               "-m", "st_viomni.cli", "train", str(recipe)]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    before, after = metrics["before"], metrics["after"]
+    print("\n".join(f"{name:26s} {before[name]:.3f} -> {after[name]:.3f}" for name in before))
+    assert set(before) == set(after) and len(before) == 8
+    assert sum(after.values()) > sum(before.values()) + 0.5  # improves clearly overall...
+    improved = [name for name in before if after[name] > before[name]]
+    assert len(improved) >= 7, (before, after)  # ...and on (almost) every metric
+    logged = [entry for entry in metrics["log_history"] if "loss" in entry]
+    assert {f"loss_{task}" for task in ("text_pair", "instr", "ocr", "vqa_single", "vqa_multi")} <= set(logged[-1])
+
+    final = tmp_path / "run" / "final"
+    assert (final / "model.safetensors").is_file() and (final / "README.md").is_file()
+    model = SentenceTransformer(str(final))
+    assert type(model) is SentenceTransformer and model.encode(["xin chào"], prompt_name="text_pair").shape == (1, 64)
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    small = {"num_train_epochs": 2, "save_steps": 4, "save_total_limit": 10, "logging_steps": 1}
+    data = {"train": [{"mini": 16, "split": "train"}], "eval": []}
+
+    def recipe_for(name):
+        path = _write_recipe(tmp_path / f"{name}.yaml", tmp_path / name, **small)
+        recipe = yaml.safe_load(path.read_text())
+        recipe["data"].update(data)
+        recipe["loss"]["gather_across_devices"] = False
+        recipe["training"]["per_device_train_batch_size"] = 8
+        path.write_text(yaml.safe_dump(recipe))
+        return [sys.executable, "-m", "st_viomni.cli", "train", str(path)]
+
+    reference = subprocess.run(recipe_for("reference"), capture_output=True, text=True, env=ENV, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    command = recipe_for("killed")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 300
+    while last_complete_checkpoint(str(tmp_path / "killed")) is None and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "final").exists()  # it really was cut short
+    checkpoint = last_complete_checkpoint(str(tmp_path / "killed"))
+    assert (Path(checkpoint) / "model.safetensors").is_file()
+    assert (Path(checkpoint) / "2_Dense" / "model.safetensors").is_file()
+    assert not list(Path(checkpoint).rglob("pytorch_model*.bin"))  # weights are safetensors, never pickles
+
+    resumed = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    killed_metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    reference_metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    assert killed_metrics["resumed_from"] is not None and reference_metrics["resumed_from"] is None
+
+    def losses(metrics):
+        return {entry["step"]: entry["loss"] for entry in metrics["log_history"] if "loss" in entry}
+
+    reference_losses, resumed_losses = losses(reference_metrics), losses(killed_metrics)
+    last_step = max(reference_losses)
+    assert max(resumed_losses) == last_step
+    assert abs(resumed_losses[last_step] - reference_losses[last_step]) <= 1e-3 * max(1.0, reference_losses[last_step])
+
+
+def test_an_interrupted_checkpoint_write_is_skipped(tmp_path):
+    for step, complete in ((4, True), (8, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text('{"global_step": %d}' % step)
+    (tmp_path / "checkpoint-16").mkdir()
+    (tmp_path / "checkpoint-16" / "trainer_state.json").write_text('{"global_st')  # truncated by the kill
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-8")
+    assert last_complete_checkpoint(str(tmp_path / "nothing")) is None
