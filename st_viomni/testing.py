@@ -1,10 +1,22 @@
-"""An offline tiny Qwen2-VL base checkpoint, built locally: no hub, no download.
+"""Offline random-weight Qwen2-VL base checkpoints, built locally: no hub, no download.
 
 ``make_tiny_base_model(path)`` writes a checkpoint of the real Qwen2-VL architecture family at tiny width:
 Qwen2-VL text and vision configs, a byte-level BPE tokenizer trained here on a small Vietnamese / English /
 Chinese text with Qwen2-VL's special tokens, Qwen2-VL's image and video processors with small pixel budgets,
 and a Qwen2-VL-style chat template. ``build_model`` accepts it exactly like ``Qwen/Qwen2-VL-2B``. Tests,
 the demo and the benchmarks use it.
+
+The same code path builds three presets (:data:`PRESETS`), all with random weights:
+
+* ``tiny`` (default): about 1 MB, for tests.
+* ``proxy-2b``: Qwen2-VL-2B's real widths (text hidden 1536, 12 heads, 2 KV heads, MLP 8960, vocabulary
+  151936; vision width 1280, 16 heads, MLP ratio 4, patch 14, merge 2) with only 2 text layers and 2 vision
+  blocks, so that a CPU can run it (about 1.6 GB in float32). At most 256 visual tokens per image.
+* ``full-2b``: Qwen2-VL-2B's real depths too (28 text layers, 32 vision blocks; about 2.2 billion parameters,
+  8.9 GB in float32, 4.4 GB in bfloat16), for GPU runs. At most 1280 visual tokens per image.
+
+Every preset keeps the small locally trained tokenizer (1024 tokens): its ids are valid in the larger
+vocabulary, and the 2B presets' embedding matrices have the real size, so memory numbers are realistic.
 """
 
 from __future__ import annotations
@@ -107,6 +119,55 @@ TINY_CONFIG: dict = {
     "vocab_size": 1024,
 }
 
+# Qwen2-VL-2B's widths (Qwen/Qwen2-VL-2B-Instruct config.json). The presets below differ only in depth.
+_QWEN2_VL_2B_TEXT = {
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    # head_dim 128 -> 64 rotary frequencies split over (temporal, height, width)
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+}
+_QWEN2_VL_2B_VISION = {
+    "depth": 32,
+    "embed_dim": 1280,
+    "num_heads": 16,
+    "mlp_ratio": 4,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
+QWEN2_VL_2B_VOCAB_SIZE = 151936
+
+PROXY_2B_CONFIG: dict = {
+    "text": {**_QWEN2_VL_2B_TEXT, "num_hidden_layers": 2},
+    "vision": {**_QWEN2_VL_2B_VISION, "depth": 2},
+    # Qwen2-VL's minimum (56x56 pixels); at most 256 visual tokens per image keeps CPU runs short.
+    "min_pixels": 4 * 28 * 28,
+    "max_pixels": 256 * 28 * 28,
+    "vocab_size": QWEN2_VL_2B_VOCAB_SIZE,
+    "tie_word_embeddings": True,
+}
+
+FULL_2B_CONFIG: dict = {
+    "text": dict(_QWEN2_VL_2B_TEXT),
+    "vision": dict(_QWEN2_VL_2B_VISION),
+    # 1280 visual tokens per image at most: the budget Qwen2-VL's model card suggests for limiting memory.
+    "min_pixels": 4 * 28 * 28,
+    "max_pixels": 1280 * 28 * 28,
+    "vocab_size": QWEN2_VL_2B_VOCAB_SIZE,
+    "tie_word_embeddings": True,
+}
+
+PRESETS: dict[str, dict] = {"tiny": TINY_CONFIG, "proxy-2b": PROXY_2B_CONFIG, "full-2b": FULL_2B_CONFIG}
+"""Model presets by name: ``tiny`` (tests), ``proxy-2b`` (2B widths, 2 layers, for CPU), ``full-2b`` (GPU)."""
+
+# Every preset uses the tokenizer trained here, with the tiny preset's vocabulary.
+TOKENIZER_VOCAB_SIZE = TINY_CONFIG["vocab_size"]
+
 
 def _train_tokenizer(vocab_size: int):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -139,16 +200,62 @@ def _train_tokenizer(vocab_size: int):
     )
 
 
-def make_tiny_base_model(path: str | os.PathLike, seed: int = 0, *, with_lm_head: bool = False) -> Path:
-    """Write a tiny random-weight Qwen2-VL base checkpoint to ``path`` and return the path.
+def preset_config(preset: str = "tiny"):
+    """The ``Qwen2VLConfig`` that :func:`make_tiny_base_model` writes for ``preset`` (no weights are built)."""
+    return _make_config(_preset_spec(preset), _train_tokenizer(TOKENIZER_VOCAB_SIZE))
 
-    Deterministic for a seed, about 1 MB, built in a few seconds on CPU without network.
+
+def _preset_spec(preset: str) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+def _make_config(spec: dict, tokenizer):
+    from transformers import Qwen2VLConfig
+
+    token_id = tokenizer.convert_tokens_to_ids
+    tie_word_embeddings = spec.get("tie_word_embeddings", False)
+    return Qwen2VLConfig(
+        text_config={
+            **spec["text"],
+            # The small tokenizer's ids are valid in the 2B presets' full-size vocabulary.
+            "vocab_size": max(spec["vocab_size"], len(tokenizer)),
+            "bos_token_id": token_id("<|endoftext|>"),
+            "eos_token_id": token_id("<|im_end|>"),
+            "pad_token_id": token_id("<|endoftext|>"),
+            "tie_word_embeddings": tie_word_embeddings,
+        },
+        vision_config={**spec["vision"], "hidden_size": spec["text"]["hidden_size"], "in_channels": 3},
+        image_token_id=token_id("<|image_pad|>"),
+        video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"),
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def make_tiny_base_model(
+    path: str | os.PathLike,
+    seed: int = 0,
+    *,
+    with_lm_head: bool = False,
+    preset: str = "tiny",
+    dtype: str | None = None,
+) -> Path:
+    """Write a random-weight Qwen2-VL base checkpoint (tiny by default) to ``path`` and return the path.
+
+    Deterministic for a seed and preset. The ``tiny`` preset is about 1 MB and built in a few seconds on CPU
+    without network; ``proxy-2b`` takes about 1.6 GB of disk and memory, ``full-2b`` 8.9 GB (float32).
 
     Args:
         path: Output directory (created if needed).
         seed: Seed for the random weights.
         with_lm_head: Save a ``Qwen2VLForConditionalGeneration`` checkpoint (as ``Qwen/Qwen2-VL-2B-Instruct``
             ships) instead of bare ``Qwen2VLModel`` weights.
+        preset: A name in :data:`PRESETS`: ``"tiny"``, ``"proxy-2b"`` or ``"full-2b"``.
+        dtype: Dtype of the saved weights (``"float32"``, ``"bfloat16"``, ``"float16"``); None saves float32.
+            The same seed gives the same weights up to rounding in every dtype.
 
     Example:
         ::
@@ -161,7 +268,6 @@ def make_tiny_base_model(path: str | os.PathLike, seed: int = 0, *, with_lm_head
     """
     import torch
     from transformers import (
-        Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
         Qwen2VLImageProcessor,
         Qwen2VLModel,
@@ -170,29 +276,17 @@ def make_tiny_base_model(path: str | os.PathLike, seed: int = 0, *, with_lm_head
     )
 
     path = Path(path)
+    spec = _preset_spec(preset)
+    tokenizer = _train_tokenizer(TOKENIZER_VOCAB_SIZE)
+    config = _make_config(spec, tokenizer)
     path.mkdir(parents=True, exist_ok=True)
-    spec = TINY_CONFIG
-    tokenizer = _train_tokenizer(spec["vocab_size"])
-    token_id = tokenizer.convert_tokens_to_ids
-    config = Qwen2VLConfig(
-        text_config={
-            **spec["text"],
-            "vocab_size": len(tokenizer),
-            "bos_token_id": token_id("<|endoftext|>"),
-            "eos_token_id": token_id("<|im_end|>"),
-            "pad_token_id": token_id("<|endoftext|>"),
-            "tie_word_embeddings": False,
-        },
-        vision_config={**spec["vision"], "hidden_size": spec["text"]["hidden_size"], "in_channels": 3},
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
-    )
     torch.manual_seed(seed)
     model_class = Qwen2VLForConditionalGeneration if with_lm_head else Qwen2VLModel
     model = model_class(config).eval()
+    if dtype is not None:
+        model.to(getattr(torch, dtype))
     model.save_pretrained(path)
+    del model
 
     vision = spec["vision"]
     processor_kwargs = {
@@ -210,8 +304,9 @@ def make_tiny_base_model(path: str | os.PathLike, seed: int = 0, *, with_lm_head
     )
     processor.save_pretrained(path)
     (path / "README.md").write_text(
-        "# tiny-qwen2-vl\n\nRandom-weight tiny Qwen2-VL built by `st_viomni.testing.make_tiny_base_model` "
-        f"(seed={seed}) for offline tests.\n\n```json\n{json.dumps(spec, indent=2)}\n```\n",
+        f"# {preset}-qwen2-vl\n\nRandom-weight Qwen2-VL (preset {preset!r}) built by "
+        f"`st_viomni.testing.make_tiny_base_model` (seed={seed}) for offline tests and benchmarks.\n\n"
+        f"```json\n{json.dumps(spec, indent=2)}\n```\n",
         encoding="utf-8",
     )
     return path
