@@ -20,7 +20,7 @@ DEMO_RECIPE: dict[str, Any] = {
     "model": {"base": "tiny", "embedding_dim": 64, "seed": 0},
     "data": {
         "train": [{"mini": 1000, "split": "train"}],
-        "eval": [{"mini": 100, "split": "test"}],
+        "eval": [{"mini": 250, "split": "test"}],
         # The mini mixture has as many samples of every task: mix them evenly, so that all of them are used.
         "proportions": {task: 1.0 for task in TASK_NAMES},
         "seed": 0,
