@@ -39,7 +39,7 @@ from sentence_transformers.sentence_transformer.evaluation import (
 
 from .formatting import format_input
 from .losses.labels import positive_key
-from .tasks import TASK_NAMES, TASKS
+from .tasks import TASK_NAMES, get_task
 
 TEXT_PAIR_RELEVANCE = 0.5
 CROSS_MODAL_TASKS = ("ocr", "vqa_single", "vqa_multi")
@@ -58,7 +58,7 @@ def build_evaluator(samples: Iterable[Mapping[str, Any]], *, batch_size: int = 3
     """
     by_task: dict[str, list[Mapping[str, Any]]] = {name: [] for name in TASK_NAMES}
     for sample in samples:
-        by_task[TASKS[sample["task"]].name].append(sample)
+        by_task[get_task(sample["task"]).name].append(sample)
     evaluators = []
     for task, rows in by_task.items():
         evaluator = _task_retrieval(task, rows, batch_size)

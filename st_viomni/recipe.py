@@ -55,6 +55,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,7 +239,7 @@ def _build(cls, raw: Any, where: str):
     raw = _mapping(raw, where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _reject_unknown(raw, set(fields), where)
-    hints = _type_hints(cls)
+    hints = typing.get_type_hints(cls)
     for key, value in raw.items():
         if not _matches(value, hints[key]):
             raise RecipeError(f"{where}.{key}: expected {_type_name(hints[key])}, got {value!r}")
@@ -248,16 +250,7 @@ def _build(cls, raw: Any, where: str):
         raise RecipeError(f"{where}: missing required key {missing}") from None
 
 
-def _type_hints(cls) -> dict[str, Any]:
-    import typing
-
-    return typing.get_type_hints(cls)
-
-
 def _matches(value: Any, hint: Any) -> bool:
-    import types
-    import typing
-
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, option) for option in typing.get_args(hint))
@@ -279,9 +272,6 @@ def _matches(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
-    import types
-    import typing
-
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(option) for option in typing.get_args(hint))
