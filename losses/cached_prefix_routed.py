@@ -139,6 +139,10 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
         self.show_progress_bar = show_progress_bar
         self._task_components: dict[str, Tensor] | None = None
 
+    def take_task_loss_totals(self, split: str = "train") -> Tensor | None:
+        """See :meth:`PrefixRoutedLoss.take_task_loss_totals`."""
+        return self.loss.take_task_loss_totals(split)
+
     _delegated_to_wrapped_loss = (
         "temperature",
         "mse_weight",
@@ -214,7 +218,9 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
             gradients = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
             torch.autograd.backward(prepared_embeddings, gradients)
             total = total.detach()
-        self._task_components = self.loss.task_components(torch.cat(per_sample_parts), tasks)
+        per_sample = torch.cat(per_sample_parts)
+        self.loss.accumulate_task_losses(per_sample, tasks)
+        self._task_components = self.loss.task_components(per_sample, tasks)
         return total
 
     def get_config_dict(self) -> dict[str, Any]:

@@ -105,13 +105,17 @@ class PrefixRoutedLoss(nn.Module):
         positive key is a content hash of the positive's text and images; rows with equal keys have identical
         positives.
 
-        Logged components: ``forward`` returns one tensor per task, ``loss_<task>``, equal to that task's share
-        of the batch loss, :math:`\frac{1}{B} \sum_{i: t_i = t} L_i` (0 when the task is absent). The trainer logs
-        each next to ``loss`` (averaged over the logging window) and sums them for the backward pass: they add up
-        to ``loss``. The trainer has no channel for numbers that are logged but not summed, so the
-        mean loss of task :math:`t` is ``loss_<t>`` divided by the fraction of samples of task :math:`t`; with a
-        fixed task mixture (the usual set-up) ``loss_<t>`` is proportional to it. All five tasks are always
-        returned, so that every process logs the same keys under DDP.
+        Logged per task:
+
+        * ``loss_<task>``: ``forward`` returns one tensor per task, that task's share of the batch loss,
+          :math:`\frac{1}{B} \sum_{i: t_i = t} L_i` (0 when the task is absent). The trainer logs each next to
+          ``loss`` (averaged over the logging window) and sums them for the backward pass: they add up to
+          ``loss``. All five are always returned, so that every process logs the same keys under DDP.
+        * ``mean_loss_<task>``: the mean loss of the task's samples over the logging window (and all processes),
+          :math:`\sum_{i: t_i = t} L_i / |\{i: t_i = t\}|`, for each task present in the window. The trainer sums
+          every returned value into the loss, so these cannot travel as components: the loss accumulates them and
+          :class:`~st_viomni.losses.TaskLossLogger` adds them to the trainer's logs (``TaskLossLogger.attach(trainer)``;
+          ``st-viomni train`` and the demo attach it).
 
         Args:
             model: The SentenceTransformer model (Qwen2-VL -> mean pooling -> Dense -> Normalize). Only
@@ -207,6 +211,8 @@ class PrefixRoutedLoss(nn.Module):
         self.margins = _resolve_margins(margins)
         self.gather_across_devices = gather_across_devices
         self.log_task_components = log_task_components
+        # Per-task sums and counts of L_i since TaskLossLogger last read them, for training and for evaluation.
+        self._task_loss_totals: dict[str, Tensor] = {}
         keep_vision_tower_in_graph(model)
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> dict[str, Tensor] | Tensor:
@@ -219,6 +225,7 @@ class PrefixRoutedLoss(nn.Module):
         per_sample = self.per_sample_losses(
             embeddings[0], embeddings[1], tasks, scores, positive_keys, negatives=embeddings[2:]
         )
+        self.accumulate_task_losses(per_sample, tasks)
         if not self.log_task_components or _forward_is_patched(self.model):
             return per_sample.mean()
         return self.task_components(per_sample, tasks)
@@ -275,6 +282,23 @@ class PrefixRoutedLoss(nn.Module):
             f"loss_{name}": per_sample[task_of_row == index].sum() / batch_size
             for index, name in enumerate(TASK_NAMES)
         }
+
+    def accumulate_task_losses(self, per_sample: Tensor, tasks: Sequence[str]) -> None:
+        """Add a batch's :math:`L_i` to the per-task sums and counts that :meth:`take_task_loss_totals` returns
+        (kept apart for training and evaluation, by the model's mode)."""
+        split = "train" if self.model.training else "eval"
+        task_of_row = torch.tensor([TASK_NAMES.index(task) for task in tasks], device=per_sample.device)
+        totals = self._task_loss_totals.get(split)
+        if totals is None:
+            totals = self._task_loss_totals[split] = per_sample.new_zeros(2, len(TASK_NAMES), dtype=torch.float32)
+        with torch.no_grad():
+            totals[0].index_add_(0, task_of_row, per_sample.detach().float())
+            totals[1].index_add_(0, task_of_row, torch.ones_like(task_of_row, dtype=torch.float32))
+
+    def take_task_loss_totals(self, split: str = "train") -> Tensor | None:
+        """The ``(2, number of tasks)`` sums and counts of :math:`L_i` accumulated in ``split`` (``"train"`` or
+        ``"eval"``) since the last call, in :data:`~st_viomni.tasks.TASK_NAMES` order; None if nothing was."""
+        return self._task_loss_totals.pop(split, None)
 
     def prepare_batch(
         self,

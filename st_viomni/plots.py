@@ -23,13 +23,13 @@ def plot_run(
     figure, (losses, metrics) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.3]})
     logged = [entry for entry in log_history if "loss" in entry and "step" in entry]
     steps = [entry["step"] for entry in logged]
-    losses.plot(steps, [entry["loss"] for entry in logged], color="black", linewidth=2, label="loss (sum)")
+    losses.plot(steps, [entry["loss"] for entry in logged], color="black", linewidth=2, label="loss (batch mean)")
     for task in TASK_NAMES:
-        key = f"loss_{task}"
+        key = f"mean_loss_{task}"
         if any(key in entry for entry in logged):
             losses.plot(steps, [entry.get(key, float("nan")) for entry in logged], label=key)
     losses.set_xlabel("step")
-    losses.set_ylabel("training loss (share of the batch loss)")
+    losses.set_ylabel("training loss (mean over the task's samples)")
     losses.set_title("Training loss per task")
     losses.legend(fontsize=8)
 
