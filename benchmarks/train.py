@@ -9,8 +9,9 @@ Run from the repository root::
     python -m benchmarks.train --run tiny:16 --repeats 1     # seconds, smoke size
 
 A step is what the trainer does per batch, minus the optimizer update (identical for every loss): collate the
-global batch with sentence-transformers' data collator (``model.preprocess``: chat template, tokenizer, image
-processor), the loss's forward, and the backward pass. The batches are the first ``B`` rows of
+global batch (``model.preprocess``: chat template, tokenizer, image processor) with sentence-transformers' data
+collator, or for the cached PrefixRoutedLoss with ``st_viomni.DeferredPixelCollator`` as ``st-viomni train``
+does (its pixels are then computed per mini-batch inside the loss), the loss's forward, and the backward pass. The batches are the first ``B`` rows of
 ``build_training_dataset(mini_mixture(...))``, the same rows for every loss; the losses alternate within each
 repeat. See ``benchmarks/README.md`` for how each number is measured.
 """
@@ -32,7 +33,10 @@ from benchmarks.flops import forward_flops
 
 LOSS_DESCRIPTIONS = {
     "prefix-routed": "st_viomni.losses.PrefixRoutedLoss(model) (temperature 0.05)",
-    "cached-prefix-routed": "st_viomni.losses.CachedPrefixRoutedLoss(model, mini_batch_size=M)",
+    "cached-prefix-routed": (
+        "st_viomni.losses.CachedPrefixRoutedLoss(model, mini_batch_size=M) on batches collated by "
+        "st_viomni.DeferredPixelCollator (pixels computed per mini-batch)"
+    ),
     "mnrl": (
         "sentence_transformers MultipleNegativesRankingLoss(model, scale=20, directions=('query_to_doc', "
         "'doc_to_query'), partition_mode='per_direction'): the symmetric InfoNCE that PrefixRoutedLoss builds on"
@@ -40,10 +44,11 @@ LOSS_DESCRIPTIONS = {
     "cached-mnrl": "sentence_transformers CachedMultipleNegativesRankingLoss, same settings, mini_batch_size=M",
 }
 ALL_LOSSES = tuple(LOSS_DESCRIPTIONS)
+DEFERRED_PIXELS = {"cached-prefix-routed"}  # collated by st_viomni.DeferredPixelCollator, as `st-viomni train` does
 CACHED_PAIRS = {"cached-prefix-routed": "prefix-routed", "cached-mnrl": "mnrl"}
 
 
-def make_loss(name: str, model: Any, mini_batch_size: int):
+def make_loss(name: str, model: Any, mini_batch_size: int, mini_batch_num_tokens: int | None = None):
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
         MultipleNegativesRankingLoss,
@@ -56,11 +61,15 @@ def make_loss(name: str, model: Any, mini_batch_size: int):
     if name == "prefix-routed":
         return PrefixRoutedLoss(model)
     if name == "cached-prefix-routed":
-        return CachedPrefixRoutedLoss(model, mini_batch_size=mini_batch_size)
+        return CachedPrefixRoutedLoss(
+            model, mini_batch_size=mini_batch_size, mini_batch_num_tokens=mini_batch_num_tokens
+        )
     if name == "mnrl":
         return MultipleNegativesRankingLoss(model, **mnrl_kwargs)
     if name == "cached-mnrl":
-        return CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size, **mnrl_kwargs)
+        return CachedMultipleNegativesRankingLoss(
+            model, mini_batch_size=mini_batch_size, mini_batch_num_tokens=mini_batch_num_tokens, **mnrl_kwargs
+        )
     raise ValueError(f"unknown loss {name!r}; known: {', '.join(ALL_LOSSES)}")
 
 
@@ -129,6 +138,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "CUDA when installed, else sdpa)")
     parser.add_argument("--losses", default=",".join(ALL_LOSSES), help="comma-separated subset of losses")
     parser.add_argument("--mini-batch-size", type=int, default=8, help="mini-batch of both cached losses (default 8)")
+    parser.add_argument("--mini-batch-num-tokens", type=int, default=None,
+                        help="token budget of both cached losses' mini-batches (text and visual tokens; default: "
+                        "none, mini-batches of --mini-batch-size rows); --mini-batch-size stays the row limit")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per loss and batch size (default 3)")
     parser.add_argument("--memory-budget-gib", type=float, default=None,
                         help="skip a configuration whose memory, extrapolated linearly from the same loss at the "
@@ -190,7 +202,7 @@ def run_preset(preset: str, batch_sizes: list[int], rows: list[dict[str, Any]], 
     import torch
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 
-    from st_viomni import ViOmniQwen
+    from st_viomni import DeferredPixelCollator, ViOmniQwen
 
     embedding_dim = args.embedding_dim or (32 if preset == "tiny" else 1024)
     model_dir = common.prepare_viomni(
@@ -204,14 +216,18 @@ def run_preset(preset: str, batch_sizes: list[int], rows: list[dict[str, Any]], 
     model.to(dtype)
     model.train()
     config = model[0].model.config
-    collator = SentenceTransformerDataCollator(preprocess_fn=model.preprocess)
-    losses = {name: make_loss(name, model, args.mini_batch_size) for name in args.losses}
+    # Each loss gets the collator it is trained with: st-viomni trains its cached loss on batches whose pixels it
+    # computes per mini-batch (what `st-viomni train` does); the other losses get sentence-transformers' own.
+    stock_collator = SentenceTransformerDataCollator(preprocess_fn=model.preprocess)
+    collators = {name: DeferredPixelCollator(model.preprocess) if name in DEFERRED_PIXELS else stock_collator
+                 for name in args.losses}
+    losses = {name: make_loss(name, model, args.mini_batch_size, args.mini_batch_num_tokens) for name in args.losses}
     counter = common.TokenCounter(model[0], config.image_token_id)
 
     # Warm-up: every loss once on a small batch (allocates the gradient buffers, initialises kernels).
     for name, loss in losses.items():
         common.log(f"{preset}: warm-up {name}")
-        train_step(model, loss, collator, rows[: min(8, len(rows))], args.device)
+        train_step(model, loss, collators[name], rows[: min(8, len(rows))], args.device)
 
     budget_bytes = args.memory_budget_gib * 2**30
     results: dict[str, Any] = {}
@@ -239,7 +255,7 @@ def run_preset(preset: str, batch_sizes: list[int], rows: list[dict[str, Any]], 
                 counter.reset()
                 try:
                     with common.PeakMemory(args.device) as peak:
-                        step = train_step(model, losses[name], collator, batch_rows, args.device)
+                        step = train_step(model, losses[name], collators[name], batch_rows, args.device)
                 except torch.cuda.OutOfMemoryError:
                     model.zero_grad(set_to_none=False)
                     torch.cuda.empty_cache()
@@ -287,7 +303,7 @@ def run_preset(preset: str, batch_sizes: list[int], rows: list[dict[str, Any]], 
             per_loss[name]["_seconds"] = run["seconds"]
         results[str(batch_size)] = per_loss
     counter.handle.remove()
-    del losses, model, collator
+    del losses, model, collators, stock_collator
     gc.collect()
     return {
         "embedding_dim": embedding_dim,
@@ -366,6 +382,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 for name in args.losses
             },
             "mini_batch_size": args.mini_batch_size,
+            "mini_batch_num_tokens": args.mini_batch_num_tokens,
             "repeats": args.repeats,
             "memory_budget_gib": args.memory_budget_gib,
             "threads": args.threads,
@@ -398,7 +415,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     )
     lines = [
         f"Training step (collate + forward + backward, no optimizer), {config['device']} {config['dtype']}, mini "
-        f"mixture, cached mini-batch {config['mini_batch_size']}, median of {config['repeats']} alternating repeats "
+        f"mixture, cached mini-batch {config['mini_batch_size']}"
+        + (f" rows / {config['mini_batch_num_tokens']} tokens" if config.get("mini_batch_num_tokens") else "")
+        + f", median of {config['repeats']} alternating repeats "
         f"(min-max). {where}; {machine['date_utc'][:10]}; load average {machine['load_average_start'][0]} at start, "
         f"{machine['load_average_end'][0]} at end. "
         f"Command: `{result['command']}`.",

@@ -13,6 +13,8 @@ from sentence_transformers.base.losses.gradcache import (
 )
 from torch import Tensor, nn
 
+from st_viomni.deferred_pixels import has_deferred_pixels, image_processor_of, with_pixels
+
 from .labels import decode_labels
 from .prefix_routed import PrefixRoutedLoss, _forward_is_patched
 
@@ -46,8 +48,12 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
         negatives) is bounded by time, not memory. The loss value, the per-task components and the gradients are
         those of :class:`PrefixRoutedLoss` (same formula; see its docstring), up to floating-point rounding.
 
-        The Qwen2-VL pixels of the whole batch are still collated up front (sentence-transformers issue #3991);
-        ``CachedLossMixin`` slices them per mini-batch.
+        Pixels: sentence-transformers' collator computes the ``pixel_values`` of the whole batch up front, so
+        their memory grows with the batch (sentence-transformers issue #3991). Train with
+        :class:`~st_viomni.DeferredPixelCollator` (``st-viomni train`` does) and this loss computes each
+        mini-batch's pixels right before embedding it, in both passes: the memory of a step then grows with
+        the batch only by its token ids and embeddings. With ``mini_batch_num_tokens`` the mini-batches are
+        cut by tokens (text and visual), so one large image costs a mini-batch what many short texts do.
 
         Args:
             model: The SentenceTransformer model.
@@ -184,6 +190,21 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
         # back-propagates exactly once through the hook.
         link = (loss - loss.detach()) / len(components)
         return {name: value.detach().to(loss.dtype) + link for name, value in components.items()}
+
+    def embed_minibatch(
+        self,
+        sentence_feature: dict[str, Any],
+        begin: int,
+        end: int,
+        with_grad: bool,
+        copy_random_state: bool,
+        random_state: Any = None,
+    ) -> tuple[Tensor, Any]:
+        # Pixels deferred by DeferredPixelCollator are computed for this mini-batch only, in both passes.
+        if has_deferred_pixels(sentence_feature):
+            sentence_feature = with_pixels(sentence_feature, image_processor_of(self.model), begin, end)
+            begin, end = 0, end - begin
+        return super().embed_minibatch(sentence_feature, begin, end, with_grad, copy_random_state, random_state)
 
     def calculate_loss(
         self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False

@@ -14,6 +14,7 @@ from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.util import all_gather, all_gather_with_grad, get_rank, get_world_size
 from torch import Tensor, nn
 
+from st_viomni.deferred_pixels import has_deferred_pixels, image_processor_of, with_pixels
 from st_viomni.tasks import TASK_NAMES, TASKS, get_task
 
 from .labels import decode_labels
@@ -221,6 +222,10 @@ class PrefixRoutedLoss(nn.Module):
             raise ValueError(f"PrefixRoutedLoss needs an anchor and a positive column, got {len(sentence_features)}")
         tasks, scores, positive_keys = decode_labels(labels)
         self.validate_rows(tasks, scores)  # before paying for the forward pass
+        sentence_features = [
+            with_pixels(feature, image_processor_of(self.model)) if has_deferred_pixels(feature) else feature
+            for feature in sentence_features
+        ]
         embeddings = embed_columns(self.model, sentence_features)
         per_sample = self.per_sample_losses(
             embeddings[0], embeddings[1], tasks, scores, positive_keys, negatives=embeddings[2:]

@@ -1,0 +1,176 @@
+"""Collate a batch's tokens now and its pixels one mini-batch at a time.
+
+sentence-transformers' data collator runs ``model.preprocess`` on the whole batch, so the Qwen2-VL
+``pixel_values`` of every image of the batch (about 24 bytes per pixel after resizing: float32, and each
+14x14 patch repeated over Qwen2-VL's two temporal frames) live for the whole step, whatever the cached loss's
+mini-batch size (sentence-transformers issue #3991). With a batch of thousands of images that, not the
+activations, is what runs out of memory.
+
+:class:`DeferredPixelCollator` renders and tokenizes the whole batch as usual (token ids, attention mask,
+image grids: everything the mini-batching needs, ``mini_batch_num_tokens`` included) but computes each
+image's grid from its size alone, without touching its pixels, and hands the decoded images on instead of
+``pixel_values``. :class:`~st_viomni.losses.CachedPrefixRoutedLoss` then turns the images of one mini-batch
+into ``pixel_values`` right before embedding it (:func:`with_pixels`), so the pixel memory of a step is that
+of one mini-batch; :class:`~st_viomni.losses.PrefixRoutedLoss` turns the whole batch's at once. Pixels are
+computed by the same image processor with the same arguments, so the embeddings are those of the stock
+collator's features (``with_pixels`` checks the grids agree).
+
+The price: the image processor runs twice per image and step (GradCache's two passes) instead of once.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sentence_transformers.base.losses.gradcache import _create_minibatch
+from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+from transformers.image_utils import make_flat_list_of_images
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+IMAGES = "images"
+"""Feature key of the decoded images of a collated column, flat, in the order of ``image_grid_thw``."""
+IMAGE_KWARGS = "image_kwargs"
+"""Feature key of the keyword arguments the processor would have passed to its image processor."""
+
+
+@dataclass
+class DeferredPixelCollator(SentenceTransformerDataCollator):
+    """sentence-transformers' data collator, minus the pixels (see the module docstring).
+
+    Takes the same arguments as ``SentenceTransformerDataCollator``; ``preprocess_fn`` must be the ``preprocess``
+    of a model whose first module holds a Qwen2-VL processor (what :func:`st_viomni.build_model` returns).
+    Every input column gets ``<column>_images`` (a list) and ``<column>_image_kwargs`` instead of
+    ``<column>_pixel_values``; only st-viomni's losses know what to do with them.
+
+    Example:
+        ::
+
+            from sentence_transformers import SentenceTransformerTrainer
+
+            from st_viomni import DeferredPixelCollator
+            from st_viomni.losses import CachedPrefixRoutedLoss
+
+            loss = CachedPrefixRoutedLoss(model, mini_batch_size=8)
+            collator = DeferredPixelCollator(model.preprocess)
+            trainer = SentenceTransformerTrainer(
+                model=model, train_dataset=train_dataset, loss=loss, data_collator=collator
+            )
+    """
+
+    def __post_init__(self) -> None:
+        model = getattr(self.preprocess_fn, "__self__", None)
+        processor = getattr(model[0], "processor", None) if model is not None else None
+        if getattr(processor, "image_processor", None) is None:
+            raise ValueError("DeferredPixelCollator needs preprocess_fn=model.preprocess of a Qwen2-VL model")
+        self.processor = processor
+        preprocess = self.preprocess_fn
+
+        def preprocess_without_pixels(inputs, prompt=None, **kwargs) -> dict[str, Any]:
+            images: list[Any] = []
+            image_kwargs: dict[str, Any] = {}
+            with _grids_from_sizes(processor, images, image_kwargs):
+                features = preprocess(inputs, prompt=prompt, **kwargs)
+            if "image_grid_thw" in features:
+                features.pop("pixel_values")
+                features[IMAGES] = images
+                features[IMAGE_KWARGS] = image_kwargs
+            return features
+
+        self.preprocess_fn = preprocess_without_pixels
+
+
+def image_grid(image: Any, image_processor: Any, image_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Qwen2-VL's ``[t, h, w]`` patch grid of a decoded image, from its size alone (no pixel is read).
+
+    The image processor resizes to :func:`smart_resize` of the size (sides multiples of patch x merge, area
+    within the pixel budget) and cuts 14x14 patches; one image is one temporal step.
+    """
+    options = {**_image_processor_defaults(image_processor), **(image_kwargs or {})}
+    width, height = image.size
+    if options["do_resize"]:
+        factor = options["patch_size"] * options["merge_size"]
+        size = options["size"]
+        height, width = smart_resize(
+            height, width, factor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"]
+        )
+    patch = options["patch_size"]
+    return [1, height // patch, width // patch]
+
+
+def has_deferred_pixels(feature: dict[str, Any]) -> bool:
+    """Whether a collated column carries decoded images instead of ``pixel_values``."""
+    return IMAGES in feature
+
+
+def image_processor_of(model: Any) -> Any:
+    """The image processor of a viOmni model, also when the trainer has wrapped it (DDP, ``torch.compile``)."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return model[0].processor.image_processor
+
+
+def with_pixels(
+    feature: dict[str, Any], image_processor: Any, begin: int = 0, end: int | None = None
+) -> dict[str, Any]:
+    """Rows ``begin:end`` of a column collated by :class:`DeferredPixelCollator`, with their ``pixel_values``.
+
+    Slices the token tensors and the image grids as sentence-transformers' GradCache mini-batching does, and
+    runs the image processor on the mini-batch's images only. Raises if the grids it gets differ from the
+    collated ones (the size-only grid and the image processor disagree), rather than embed misaligned tokens.
+    """
+    images, image_kwargs = feature[IMAGES], feature[IMAGE_KWARGS]
+    tokens = {key: value for key, value in feature.items() if key not in (IMAGES, IMAGE_KWARGS, "image_grid_thw")}
+    batch_size = feature["input_ids"].shape[0]
+    end = batch_size if end is None else min(end, batch_size)
+    mini_batch = _create_minibatch(tokens, begin, end)
+    images_per_row = feature["num_images_per_sample"].tolist()
+    first, last = sum(images_per_row[:begin]), sum(images_per_row[:end])
+    if first == last:  # a text-only mini-batch
+        return mini_batch
+    grids = feature["image_grid_thw"][first:last]
+    processed = image_processor(images[first:last], **{**image_kwargs, "return_tensors": "pt"})
+    if not torch.equal(processed["image_grid_thw"].to(grids.device), grids):
+        raise RuntimeError(
+            f"images {first}..{last - 1} of the batch: the image processor gave grids "
+            f"{processed['image_grid_thw'].tolist()}, the collator computed {grids.tolist()} from their sizes"
+        )
+    mini_batch["image_grid_thw"] = grids
+    mini_batch["pixel_values"] = processed["pixel_values"].to(grids.device)
+    return mini_batch
+
+
+@contextmanager
+def _grids_from_sizes(processor: Any, images: list[Any], image_kwargs: dict[str, Any]):
+    # The processor's only contact with pixels is `_process_images`: the text expansion needs the grids alone.
+    image_processor = processor.image_processor
+
+    def process_images(batch_images, **kwargs):
+        flat = make_flat_list_of_images(batch_images)
+        images.extend(flat)
+        image_kwargs.update(kwargs)
+        grids = torch.tensor([image_grid(image, image_processor, kwargs) for image in flat], dtype=torch.long)
+        processed = {"pixel_values": torch.empty(0), "image_grid_thw": grids}
+        replacements = [processor.replace_image_token(processed, image_idx=index, **kwargs) for index in range(len(flat))]
+        return processed, replacements
+
+    processor._process_images = process_images
+    try:
+        yield
+    finally:
+        del processor._process_images
+
+
+def _image_processor_defaults(image_processor: Any) -> dict[str, Any]:
+    size = image_processor.size
+    size = size if isinstance(size, dict) else {"shortest_edge": size.shortest_edge, "longest_edge": size.longest_edge}
+    return {
+        "do_resize": image_processor.do_resize,
+        "size": size,
+        "patch_size": image_processor.patch_size,
+        "merge_size": image_processor.merge_size,
+    }
+
+

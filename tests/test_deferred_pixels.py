@@ -1,0 +1,135 @@
+"""DeferredPixelCollator: the stock collator's batch without its pixels, and the losses compute them per mini-batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from sentence_transformers import SentenceTransformerTrainer
+from sentence_transformers.base.losses.gradcache import _create_minibatch
+from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+
+from st_viomni import DeferredPixelCollator, format_input
+from st_viomni.deferred_pixels import IMAGES, image_grid, with_pixels
+from st_viomni.losses import CachedPrefixRoutedLoss, PrefixRoutedLoss, make_label
+
+from test_loss_cached import RELATIVE_TOLERANCE, mixed_rows
+
+
+def image_rows() -> list[dict]:
+    """Eight rows, text-only and one- and two-image anchors of varied sizes, so mini-batches differ."""
+    sizes = [(56, 56), (300, 90), (40, 40), (700, 500), (28, 280), (123, 77)]
+    images = [Image.new("RGB", size, (40 * index, 100, 200 - 30 * index)) for index, size in enumerate(sizes)]
+    anchors = [
+        ("ocr", "Biển báo ghi gì?", [images[0]]),
+        ("instr", "Dịch sang tiếng Anh: xin chào", []),
+        ("vqa_multi", "So sánh hai hình.", [images[1], images[2]]),
+        ("text_pair", "Con mèo ngồi trên thảm.", []),
+        ("vqa_single", "Có bao nhiêu hình?", [images[3]]),
+        ("ocr", "Dòng đầu tiên là gì?", [images[4]]),
+        ("instr", "Viết một câu về trường học.", []),
+        ("vqa_single", "Màu gì?", [images[5]]),
+    ]
+    return [
+        {
+            "anchor": format_input(task, text, pictures),
+            "positive": format_input(task, f"câu trả lời {index}"),
+            "label": make_label(task, 0.5 if task == "text_pair" else None, f"câu trả lời {index}"),
+        }
+        for index, (task, text, pictures) in enumerate(anchors)
+    ]
+
+
+def features(collator, rows):
+    # What the trainer hands a loss: the collated batch split into per-column features.
+    return SentenceTransformerTrainer.collect_features(None, collator(rows))
+
+
+def loss_and_gradients(model, loss_fn, collator, rows):
+    model.zero_grad(set_to_none=True)
+    output = loss_fn(*features(collator, rows))
+    total = torch.stack(list(output.values())).sum()
+    total.backward()
+    gradients = {
+        name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None
+    }
+    return total.item(), {name: value.item() for name, value in output.items()}, gradients
+
+
+def test_the_collated_tokens_are_the_stock_collators_and_the_pixels_are_computed_later(tiny_model):
+    rows = image_rows()
+    (stock_anchor, stock_positive), _ = features(SentenceTransformerDataCollator(tiny_model.preprocess), rows)
+    (anchor, positive), _ = features(DeferredPixelCollator(tiny_model.preprocess), rows)
+    assert "pixel_values" not in anchor and len(anchor[IMAGES]) == 6
+    assert IMAGES not in positive  # a text-only column is collated as usual
+    for key, value in stock_anchor.items():
+        if key != "pixel_values" and isinstance(value, torch.Tensor):
+            assert torch.equal(anchor[key], value), key
+
+    image_processor = tiny_model[0].processor.image_processor
+    assert torch.equal(with_pixels(anchor, image_processor)["pixel_values"], stock_anchor["pixel_values"])
+    for begin, end in [(0, 3), (1, 2), (3, 4), (4, 8)]:  # includes a text-only mini-batch (3, 4)
+        expected = _create_minibatch(stock_anchor, begin, end)
+        mini_batch = with_pixels(anchor, image_processor, begin, end)
+        assert set(mini_batch) == set(expected), (begin, end)
+        for key, value in expected.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(mini_batch[key], value), (begin, end, key)
+
+
+@pytest.mark.parametrize(
+    "size", [(1, 1), (27, 29), (56, 56), (57, 111), (300, 90), (90, 300), (1344, 1344), (2000, 37), (640, 480)]
+)
+def test_the_grid_from_the_size_is_the_image_processors(tiny_model, size):
+    image_processor = tiny_model[0].processor.image_processor
+    image = Image.new("RGB", size)
+    processed = image_processor([image], return_tensors="pt")
+    assert image_grid(image, image_processor) == processed["image_grid_thw"][0].tolist()
+
+
+@pytest.mark.parametrize(
+    "options", [{"mini_batch_size": 2}, {"mini_batch_size": 8, "mini_batch_num_tokens": 40}], ids=["rows", "tokens"]
+)
+def test_the_cached_loss_on_deferred_pixels_equals_the_plain_loss_on_stock_batches(tiny_model, monkeypatch, options):
+    tiny_model.train()
+    rows = mixed_rows()
+    stock = SentenceTransformerDataCollator(tiny_model.preprocess)
+    plain = loss_and_gradients(tiny_model, PrefixRoutedLoss(tiny_model), stock, rows)
+    plain_loss, plain_components, plain_gradients = plain
+
+    image_processor = type(tiny_model[0].processor.image_processor)
+    images_per_call = []
+    original_call = image_processor.__call__
+
+    def spy(self, images, *args, **kwargs):
+        images_per_call.append(len(images))
+        return original_call(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(image_processor, "__call__", spy)
+    deferred = DeferredPixelCollator(tiny_model.preprocess)
+    cached = loss_and_gradients(tiny_model, CachedPrefixRoutedLoss(tiny_model, **options), deferred, rows)
+    cached_loss, cached_components, cached_gradients = cached
+
+    assert cached_loss == pytest.approx(plain_loss, rel=RELATIVE_TOLERANCE)
+    assert cached_components == pytest.approx(plain_components, rel=RELATIVE_TOLERANCE, abs=1e-9)
+    assert set(cached_gradients) == set(plain_gradients)
+    for name, plain_gradient in plain_gradients.items():
+        error = (cached_gradients[name] - plain_gradient).norm() / plain_gradient.norm().clamp_min(1e-30)
+        assert error <= RELATIVE_TOLERANCE, f"{name}: relative gradient error {error:.2e}"
+    # Pixels were computed per mini-batch, in both GradCache passes, never for the batch's 4 images at once.
+    assert sum(images_per_call) == 2 * 4 and max(images_per_call) < 4, images_per_call
+
+
+def test_the_plain_loss_computes_deferred_pixels_for_the_whole_batch(tiny_model):
+    rows = image_rows()
+    loss = PrefixRoutedLoss(tiny_model)
+    with torch.no_grad():
+        stock = loss(*features(SentenceTransformerDataCollator(tiny_model.preprocess), rows))
+        deferred = loss(*features(DeferredPixelCollator(tiny_model.preprocess), rows))
+    for name, value in stock.items():
+        assert deferred[name].item() == pytest.approx(value.item(), rel=RELATIVE_TOLERANCE, abs=1e-9), name
+
+
+def test_the_collator_needs_a_qwen2_vl_model():
+    with pytest.raises(ValueError, match="preprocess_fn=model.preprocess of a Qwen2-VL model"):
+        DeferredPixelCollator(lambda inputs, **kwargs: {})
