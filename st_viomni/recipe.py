@@ -11,11 +11,11 @@
       dtype: bfloat16           # optional: float32, bfloat16, float16
       attn_implementation: sdpa # optional: eager, sdpa, flash_attention_2
       seed: 0                   # Dense initialisation (and the tiny base's weights)
-    lora:                       # optional: train LoRA adapters instead of all weights (needs peft)
+    lora:                       # optional: LoRA adapters on Qwen2-VL, Dense head trained fully (needs peft)
       r: 64
       alpha: 128
       dropout: 0.05
-      target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+      target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]  # each must match a layer
     data:
       proportions: seed         # "seed" (the seed's 11M mix), or {task: weight}
       seed: 0
@@ -30,6 +30,7 @@
     loss:                       # st_viomni.losses.PrefixRoutedLoss / CachedPrefixRoutedLoss
       cached: true
       mini_batch_size: 8
+      mini_batch_num_tokens: 4096   # optional (cached): cut mini-batches by tokens, text and visual
       temperature: 0.05
       mse_weight: 1.0
       cosine_weight: 1.0
@@ -111,6 +112,7 @@ class DataRecipe:
 class LossRecipe:
     cached: bool = False
     mini_batch_size: int = 32
+    mini_batch_num_tokens: int | None = None
     temperature: float = 0.05
     mse_weight: float = 1.0
     cosine_weight: float = 1.0
@@ -191,10 +193,32 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
     loss = _build(LossRecipe, raw.get("loss") or {}, "loss")
     for name in loss.margins or {}:
         _task(name, f"loss.margins.{name}")
+    if loss.mini_batch_size < 1:
+        raise RecipeError(f"loss.mini_batch_size: expected a positive number of rows, got {loss.mini_batch_size}")
+    if loss.mini_batch_num_tokens is not None and loss.mini_batch_num_tokens < 1:
+        raise RecipeError(
+            f"loss.mini_batch_num_tokens: expected a positive number of tokens, got {loss.mini_batch_num_tokens}"
+        )
     training = _training_arguments(raw["training"])
-    lora = _build(LoraRecipe, raw["lora"], "lora") if raw.get("lora") is not None else None
+    lora = _lora(raw["lora"]) if raw.get("lora") is not None else None
     hub = _build(HubRecipe, raw["hub"], "hub") if raw.get("hub") is not None else None
     return Recipe(model=model, data=data, training=training, loss=loss, lora=lora, hub=hub)
+
+
+def _lora(raw: Any) -> LoraRecipe:
+    lora = _build(LoraRecipe, raw, "lora")
+    if lora.r < 1:
+        raise RecipeError(f"lora.r: expected a positive rank, got {lora.r!r}")
+    if lora.alpha <= 0:
+        raise RecipeError(f"lora.alpha: expected a positive scaling, got {lora.alpha!r}")
+    if not 0 <= lora.dropout < 1:
+        raise RecipeError(f"lora.dropout: expected a probability in [0, 1), got {lora.dropout!r}")
+    if not lora.target_modules or not all(isinstance(name, str) and name for name in lora.target_modules):
+        raise RecipeError(
+            f"lora.target_modules: expected a non-empty list of layer names (e.g. [q_proj, v_proj]), "
+            f"got {lora.target_modules!r}"
+        )
+    return lora
 
 
 def _source(raw: Any, where: str) -> SourceRecipe:

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,8 +29,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import ValidationReport, build_training_dataset, default_proportions, mix_tasks
 from .data.sources import load_samples_by_task
+from .deferred_pixels import DeferredPixelCollator
 from .evaluation import build_evaluator, summarize
-from .losses import CachedPrefixRoutedLoss, PrefixRoutedLoss
+from .losses import CachedPrefixRoutedLoss, PrefixRoutedLoss, TaskLossLogger
 from .model import ViOmniQwen, build_model
 from .recipe import Recipe, RecipeError
 from .tasks import TASK_NAMES
@@ -80,6 +82,13 @@ def run_recipe(recipe: Recipe, *, callbacks: list | None = None) -> TrainingRun:
         evaluator = build_evaluator(sample for part in eval_samples.values() for sample in part)
 
     loss = _loss(model, recipe)
+    # The cached loss computes each mini-batch's pixels itself, so that a step's memory does not grow with the
+    # images of the whole batch.
+    collator = None
+    if recipe.loss.cached:
+        collator = DeferredPixelCollator(
+            model.preprocess, router_mapping=arguments.router_mapping, prompts=arguments.prompts
+        )
     trainer = SentenceTransformerTrainer(
         model=model,
         args=arguments,
@@ -87,7 +96,9 @@ def run_recipe(recipe: Recipe, *, callbacks: list | None = None) -> TrainingRun:
         loss=loss,
         evaluator=evaluator,
         callbacks=callbacks,
+        data_collator=collator,
     )
+    TaskLossLogger.attach(trainer)
     run = TrainingRun(model_dir=os.path.join(output_dir, "final"))
     # The model is rebuilt from the base before resuming, so "before" is always the untrained model.
     if evaluator is not None:
@@ -139,6 +150,10 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
 def training_arguments(recipe: Recipe) -> SentenceTransformerTrainingArguments:
     """The recipe's ``training`` section with the settings the loss and the data need enforced."""
     values = {"report_to": "none", **recipe.training}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        # Several processes and no accelerator: without use_cpu, transformers and accelerate run each process as
+        # a single-process job (DistributedType.NO: no DDP, no gradient sync, every process on all the data).
+        values.setdefault("use_cpu", True)
     if recipe.loss.gather_across_devices:
         if values.get("dataloader_drop_last") is False:
             raise RecipeError(
@@ -183,20 +198,72 @@ def _build_model(recipe: Recipe) -> ViOmniQwen:
 
 
 def _add_lora(model: ViOmniQwen, recipe: Recipe) -> None:
+    """Put LoRA adapters on the Qwen2-VL module's layers named in ``lora.target_modules``.
+
+    peft freezes every weight of the Qwen2-VL module but the adapters' own; the Dense head is another module
+    and stays trainable, so it is trained fully. The saved model holds the adapters
+    (``adapter_model.safetensors``, ``adapter_config.json``) and loads the base named in the adapter config:
+    the hub id, the absolute path of a local base, or, for the tiny base (built in a scratch directory that
+    is gone after the run), a copy of it kept in ``training.output_dir``.
+    """
     try:
         from peft import LoraConfig, TaskType
     except ImportError:
         raise RecipeError("lora: needs the peft package (pip install peft)") from None
     spec = recipe.lora
-    model.add_adapter(
-        LoraConfig(
-            r=spec.r,
-            lora_alpha=spec.alpha,
-            lora_dropout=spec.dropout,
-            target_modules=spec.target_modules,
-            task_type=TaskType.FEATURE_EXTRACTION,
+    transformers_model = model.transformers_model
+    layers = {name: module for name, module in transformers_model.named_modules() if not list(module.children())}
+    unmatched = [
+        target for target in spec.target_modules
+        if not any(name == target or name.endswith(f".{target}") for name in layers)
+    ]
+    if unmatched:
+        linear = sorted({_short_name(name) for name, module in layers.items() if isinstance(module, torch.nn.Linear)})
+        raise RecipeError(
+            f"lora.target_modules: no layer of the {transformers_model.config.model_type} model is named "
+            f"{' or '.join(map(repr, unmatched))}; its linear layers are named {', '.join(linear)}"
         )
-    )
+    try:
+        model.add_adapter(
+            LoraConfig(
+                r=spec.r,
+                lora_alpha=spec.alpha,
+                lora_dropout=spec.dropout,
+                target_modules=list(spec.target_modules),
+                task_type=TaskType.FEATURE_EXTRACTION,
+            )
+        )
+    except ValueError as error:  # e.g. a layer of a type peft cannot adapt (a norm)
+        raise RecipeError(f"lora.target_modules: {' '.join(str(error).split())}") from None
+    transformers_model.peft_config["default"].base_model_name_or_path = _lora_base(recipe)
+
+
+def _short_name(name: str) -> str:
+    """The shortest suffix a target can use: ``q_proj``, or ``mlp.0`` for a layer of a Sequential."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def _lora_base(recipe: Recipe) -> str:
+    """Where a saved adapter finds its base model, from any working directory and after this run."""
+    base = recipe.model.base
+    if base != TINY_BASE:
+        return os.path.abspath(base) if os.path.isdir(base) else base
+    from .testing import make_tiny_base_model
+
+    # The same seed rebuilds the same weights (make_tiny_base_model is deterministic), so this copy is the
+    # base the adapters were trained on. Rank 0 writes it, before any checkpoint, and renames it into place
+    # whole, so a process resuming from a checkpoint never reads a half-written copy.
+    path = os.path.abspath(os.path.join(recipe.output_dir, f"tiny-base-seed{recipe.model.seed}"))
+    if int(os.environ.get("RANK", "0")) == 0 and not os.path.isfile(os.path.join(path, "config.json")):
+        os.makedirs(recipe.output_dir, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix=".tiny-base-", dir=recipe.output_dir)
+        make_tiny_base_model(scratch, seed=recipe.model.seed)
+        try:
+            os.rename(scratch, path)
+        except OSError:  # written meanwhile by another run in the same directory
+            shutil.rmtree(scratch, ignore_errors=True)
+    return path
 
 
 def _loss(model: ViOmniQwen, recipe: Recipe) -> PrefixRoutedLoss | CachedPrefixRoutedLoss:
@@ -210,7 +277,9 @@ def _loss(model: ViOmniQwen, recipe: Recipe) -> PrefixRoutedLoss | CachedPrefixR
         gather_across_devices=spec.gather_across_devices,
     )
     if spec.cached:
-        return CachedPrefixRoutedLoss(model, mini_batch_size=spec.mini_batch_size, **options)
+        return CachedPrefixRoutedLoss(
+            model, mini_batch_size=spec.mini_batch_size, mini_batch_num_tokens=spec.mini_batch_num_tokens, **options
+        )
     return PrefixRoutedLoss(model, **options)
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the offline tiny Qwen2-VL and viOmni models built on it (no hub, no download)."""
+"""Shared fixtures: the offline tiny Qwen2-VL and viOmni models built on it (no hub, no download), and a
+stand-in for the Hub API that records uploads instead of sending them."""
 
 from __future__ import annotations
 
@@ -29,3 +30,53 @@ def tiny_model(tiny_base):
 
     torch.manual_seed(0)
     return build_model(tiny_base, embedding_dim=TINY_EMBEDDING_DIM)
+
+
+class FakeHub:
+    """Records what push_to_hub (`st-viomni push`, a recipe's `hub:` section) sends to the Hub API instead of
+    sending it: the repositories created, with their visibility, and every uploaded file's bytes."""
+
+    def __init__(self):
+        self.repos, self.uploads = [], []
+
+    def install(self, monkeypatch) -> FakeHub:
+        import huggingface_hub
+
+        api = huggingface_hub.HfApi
+        monkeypatch.setattr(api, "create_repo", lambda hf_api, *a, **k: self.create_repo(hf_api, *a, **k))
+        monkeypatch.setattr(api, "upload_folder", lambda hf_api, *a, **k: self.upload_folder(hf_api, *a, **k))
+        return self
+
+    def create_repo(self, api, repo_id, private=None, exist_ok=False, **kwargs):
+        import huggingface_hub
+
+        self.repos.append({"repo_id": repo_id, "private": private})
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, api, repo_id, folder_path, **kwargs):
+        import huggingface_hub
+
+        files = {}
+        for root, _, names in os.walk(folder_path):
+            for name in names:
+                path = os.path.join(root, name)
+                with open(path, "rb") as file:
+                    files[os.path.relpath(path, folder_path)] = file.read()
+        self.uploads.append({"repo_id": repo_id, "files": files})
+        return huggingface_hub.CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="", commit_description="",
+            oid="0" * 40,
+        )
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A FakeHub in place of the Hub API for one test."""
+    return FakeHub().install(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def module_fake_hub():
+    """A FakeHub in place of the Hub API for a whole module (one training run shared by its tests)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield FakeHub().install(monkeypatch)

@@ -1,11 +1,11 @@
-"""The model card written by save()/push_to_hub(), and `st-viomni push` against a stand-in for the Hub API."""
+"""The model card written by save()/push_to_hub(), and `st-viomni push` against a stand-in for the Hub API
+(the `fake_hub` fixture of conftest.py)."""
 
 import os
 import re
 import subprocess
 import sys
 
-import huggingface_hub
 import pytest
 
 from st_viomni.cli import main
@@ -43,37 +43,6 @@ def test_card_usage_snippet_runs_against_the_saved_model(tiny_model, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(2, 32) (32,) (32,)" in result.stdout
-
-
-class FakeHub:
-    """Records what `st-viomni push` sends to the Hub API instead of sending it."""
-
-    def __init__(self):
-        self.repos, self.uploads = [], []
-
-    def create_repo(self, api, repo_id, private=None, exist_ok=False, **kwargs):
-        self.repos.append({"repo_id": repo_id, "private": private})
-        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, api, repo_id, folder_path, **kwargs):
-        files = {}
-        for root, _, names in os.walk(folder_path):
-            for name in names:
-                path = os.path.join(root, name)
-                files[os.path.relpath(path, folder_path)] = open(path, "rb").read()
-        self.uploads.append({"repo_id": repo_id, "files": files})
-        return huggingface_hub.CommitInfo(
-            commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="", commit_description="",
-            oid="0" * 40,
-        )
-
-
-@pytest.fixture
-def fake_hub(monkeypatch):
-    hub = FakeHub()
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda api, *a, **k: hub.create_repo(api, *a, **k))
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda api, *a, **k: hub.upload_folder(api, *a, **k))
-    return hub
 
 
 def test_push_uploads_the_complete_model(tiny_model, tmp_path, fake_hub, capsys):

@@ -57,6 +57,8 @@ def test_sources_split_loader_keys_from_adapter_options():
         ({"data": {"train": []}}, r"data\.train: needs at least one source"),
         ({"data": {"train": [{"mini": 4}], "proportions": {"ocr": 1, "captions": 1}}}, r"data\.proportions\.captions"),
         ({"loss": {"margins": {"instr": 0.1, "vqa": 0.2}}}, r"loss\.margins\.vqa: Unknown task"),
+        ({"loss": {"cached": True, "mini_batch_num_tokens": 0}}, r"loss\.mini_batch_num_tokens: expected a positive"),
+        ({"loss": {"mini_batch_size": 0}}, r"loss\.mini_batch_size: expected a positive"),
         ({"model": {"base": "tiny", "dim": 8}}, r"model\.dim: unknown key"),
         ({"hub": {"private": True}}, r"hub: missing required key"),
         ({"extra": 1}, r"extra: unknown key"),
@@ -76,3 +78,11 @@ def test_missing_section_and_bad_yaml(tmp_path):
         load_recipe(broken)
     with pytest.raises(FileNotFoundError, match="recipe not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_the_cached_loss_gets_the_recipes_mini_batching(tiny_model):
+    from st_viomni.train import _loss
+
+    recipe = parse_recipe(_minimal(loss={"cached": True, "mini_batch_size": 4, "mini_batch_num_tokens": 512}))
+    loss = _loss(tiny_model, recipe)
+    assert (type(loss).__name__, loss.mini_batch_size, loss.mini_batch_num_tokens) == ("CachedPrefixRoutedLoss", 4, 512)

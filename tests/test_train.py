@@ -40,6 +40,13 @@ def test_tiny_cpu_recipe_trains_under_torchrun_with_two_processes(tmp_path):
     improved = [name for name in before if after[name] > before[name]]
     assert len(improved) >= 7, (before, after)  # ...and on (almost) every metric
     logged = [entry for entry in metrics["log_history"] if "loss" in entry]
+    # One data-parallel job (DDP over gloo), not two single-process runs: an epoch of at most 5 tasks x 300
+    # samples takes global batches of 2 processes x 16 (a process alone would take twice the steps).
+    recipe_values = yaml.safe_load(recipe.read_text())
+    global_batch = 2 * recipe_values["training"]["per_device_train_batch_size"]
+    samples = 5 * recipe_values["data"]["train"][0]["mini"]
+    last_step = max(entry["step"] for entry in metrics["log_history"])
+    assert last_step <= recipe_values["training"]["num_train_epochs"] * samples // global_batch
     for task in ("text_pair", "instr", "ocr", "vqa_single", "vqa_multi"):
         # The share of the loss, and the mean over the task's samples of both processes (all-reduced).
         assert f"loss_{task}" in logged[-1] and logged[-1][f"mean_loss_{task}"] > 0
