@@ -17,6 +17,7 @@ from st_viomni.deferred_pixels import has_deferred_pixels, image_processor_of, w
 
 from .labels import decode_labels
 from .prefix_routed import PrefixRoutedLoss, _forward_is_patched
+from .token_budget import order_rows_by_length, padded_token_ranges
 
 
 class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
@@ -67,7 +68,11 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
                 ``calculate_loss``) a scalar is returned automatically.
             mini_batch_size: Rows per embedding mini-batch in steps (1) and (3), and rows per chunk of the loss in
                 step (2). The larger, the faster and the more memory.
-            mini_batch_num_tokens: Pack embedding mini-batches by number of (non-padding) tokens instead of rows.
+            mini_batch_num_tokens: Cut embedding mini-batches by tokens instead of rows: the rows of each column are
+                ordered longest first and each mini-batch holds as many as keep ``rows x longest row`` (text and
+                visual tokens, padding included: what the language model computes) within this budget, and at
+                most ``mini_batch_size`` rows (see :mod:`st_viomni.losses.token_budget`). None: mini-batches of
+                ``mini_batch_size`` rows in batch order.
             show_progress_bar: Show a progress bar over the mini-batches.
 
         References:
@@ -144,6 +149,7 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
         self.mini_batch_num_tokens = mini_batch_num_tokens
         self.show_progress_bar = show_progress_bar
         self._task_components: dict[str, Tensor] | None = None
+        self._row_orders: list[Tensor] | None = None
 
     def take_task_loss_totals(self, split: str = "train") -> Tensor | None:
         """See :meth:`PrefixRoutedLoss.take_task_loss_totals`."""
@@ -180,7 +186,14 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
         tasks, scores, _ = decode_labels(labels)
         self.loss.validate_rows(tasks, scores)  # before paying for the forward passes
         self._task_components = None
-        loss = self.forward_cached(sentence_features, labels)
+        if self.mini_batch_num_tokens is not None:
+            # Rows of similar length share a mini-batch, so that padding does not defeat the token budget;
+            # calculate_loss puts the embeddings back in batch order.
+            sentence_features, self._row_orders = map(list, zip(*map(order_rows_by_length, sentence_features)))
+        try:
+            loss = self.forward_cached(sentence_features, labels)
+        finally:
+            self._row_orders = None
         components, self._task_components = self._task_components, None
         matryoshka_decorated = "calculate_loss" in vars(self) or _forward_is_patched(self.model)
         if not self.log_task_components or components is None or matryoshka_decorated:
@@ -190,6 +203,21 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
         # back-propagates exactly once through the hook.
         link = (loss - loss.detach()) / len(components)
         return {name: value.detach().to(loss.dtype) + link for name, value in components.items()}
+
+    def embed_minibatch_iter(
+        self,
+        sentence_feature: dict[str, Any],
+        with_grad: bool,
+        copy_random_state: bool,
+        random_states: list[Any] | None = None,
+        ranges: list[tuple[int, int]] | None = None,
+    ):
+        if self.mini_batch_num_tokens is not None:
+            # Budget the padded tokens of rows ordered by length (both passes cut the same, deterministic ranges).
+            ranges = padded_token_ranges(
+                sentence_feature["attention_mask"], self.mini_batch_num_tokens, self.mini_batch_size
+            )
+        return super().embed_minibatch_iter(sentence_feature, with_grad, copy_random_state, random_states, ranges)
 
     def embed_minibatch(
         self,
@@ -217,6 +245,10 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
         """
         tasks, scores, positive_keys = decode_labels(labels)
         columns = [torch.cat(column_reps) for column_reps in reps]
+        if self._row_orders is not None:  # back from length order to batch order
+            columns = [
+                column[torch.argsort(order.to(column.device))] for column, order in zip(columns, self._row_orders)
+            ]
         batch = self.loss.prepare_batch(columns[0], columns[1], tasks, scores, positive_keys, columns[2:])
         prepared_embeddings = batch.embeddings()
         if with_backward:

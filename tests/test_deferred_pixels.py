@@ -91,6 +91,7 @@ def test_the_grid_from_the_size_is_the_image_processors(tiny_model, size):
     "options", [{"mini_batch_size": 2}, {"mini_batch_size": 8, "mini_batch_num_tokens": 40}], ids=["rows", "tokens"]
 )
 def test_the_cached_loss_on_deferred_pixels_equals_the_plain_loss_on_stock_batches(tiny_model, monkeypatch, options):
+    # With a token budget the rows are also reordered by length (and the embeddings put back in batch order).
     tiny_model.train()
     rows = mixed_rows()
     stock = SentenceTransformerDataCollator(tiny_model.preprocess)
@@ -133,3 +134,24 @@ def test_the_plain_loss_computes_deferred_pixels_for_the_whole_batch(tiny_model)
 def test_the_collator_needs_a_qwen2_vl_model():
     with pytest.raises(ValueError, match="preprocess_fn=model.preprocess of a Qwen2-VL model"):
         DeferredPixelCollator(lambda inputs, **kwargs: {})
+
+
+def test_token_budget_mini_batches_bound_the_padded_tokens(tiny_model, monkeypatch):
+    # One long image row among short texts: in batch order, a non-padding budget would pad the short rows to it.
+    rows = image_rows()
+    budget = 120
+    shapes = []
+    original = CachedPrefixRoutedLoss.embed_minibatch
+
+    def spy(self, sentence_feature, begin, end, *args, **kwargs):
+        reps, state = original(self, sentence_feature, begin, end, *args, **kwargs)
+        shapes.append((end - begin, int(sentence_feature["attention_mask"][begin:end].sum(dim=1).max())))
+        return reps, state
+
+    monkeypatch.setattr(CachedPrefixRoutedLoss, "embed_minibatch", spy)
+    loss = CachedPrefixRoutedLoss(tiny_model, mini_batch_size=8, mini_batch_num_tokens=budget)
+    with torch.no_grad():
+        loss(*features(DeferredPixelCollator(tiny_model.preprocess), rows))
+    assert len(shapes) > 2
+    for size, longest in shapes:
+        assert size * longest <= budget or size == 1, shapes

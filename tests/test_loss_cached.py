@@ -53,11 +53,17 @@ def loss_and_gradients(model, loss_fn, rows):
     return total.item(), {name: value.item() for name, value in output.items()}, gradients
 
 
-def test_cached_loss_equals_plain_loss_in_value_components_and_gradients(tiny_model):
+@pytest.mark.parametrize(
+    "options",
+    # A token budget also reorders each column's rows (pixels included) by length, then restores batch order.
+    [{"mini_batch_size": 2}, {"mini_batch_size": 8, "mini_batch_num_tokens": 40}],
+    ids=["rows", "tokens"],
+)
+def test_cached_loss_equals_plain_loss_in_value_components_and_gradients(tiny_model, options):
     tiny_model.train()
     rows = mixed_rows()
     plain = loss_and_gradients(tiny_model, PrefixRoutedLoss(tiny_model), rows)
-    cached = loss_and_gradients(tiny_model, CachedPrefixRoutedLoss(tiny_model, mini_batch_size=2), rows)
+    cached = loss_and_gradients(tiny_model, CachedPrefixRoutedLoss(tiny_model, **options), rows)
 
     plain_loss, plain_components, plain_gradients = plain
     cached_loss, cached_components, cached_gradients = cached
