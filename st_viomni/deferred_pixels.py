@@ -28,7 +28,8 @@ import torch
 from sentence_transformers.base.losses.gradcache import _create_minibatch
 from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 from transformers.image_utils import make_flat_list_of_images
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+from .batching import PixelBudget
 
 IMAGES = "images"
 """Feature key of the decoded images of a collated column, flat, in the order of ``image_grid_thw``."""
@@ -82,22 +83,11 @@ class DeferredPixelCollator(SentenceTransformerDataCollator):
         self.preprocess_fn = preprocess_without_pixels
 
 
-def image_grid(image: Any, image_processor: Any, image_kwargs: dict[str, Any] | None = None) -> list[int]:
-    """Qwen2-VL's ``[t, h, w]`` patch grid of a decoded image, from its size alone (no pixel is read).
-
-    The image processor resizes to :func:`smart_resize` of the size (sides multiples of patch x merge, area
-    within the pixel budget) and cuts 14x14 patches; one image is one temporal step.
-    """
-    options = {**_image_processor_defaults(image_processor), **(image_kwargs or {})}
-    width, height = image.size
-    if options["do_resize"]:
-        factor = options["patch_size"] * options["merge_size"]
-        size = options["size"]
-        height, width = smart_resize(
-            height, width, factor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"]
-        )
-    patch = options["patch_size"]
-    return [1, height // patch, width // patch]
+def image_grid(image: Any, image_processor: Any) -> list[int]:
+    """Qwen2-VL's ``[t, h, w]`` patch grid of a decoded image, from its size alone (no pixel is read): one
+    temporal step, and the patch grid of :class:`~st_viomni.batching.PixelBudget` (the processor's resize)."""
+    rows, columns = PixelBudget.of(image_processor).grid(*image.size)
+    return [1, rows, columns]
 
 
 def has_deferred_pixels(feature: dict[str, Any]) -> bool:
@@ -151,7 +141,7 @@ def _grids_from_sizes(processor: Any, images: list[Any], image_kwargs: dict[str,
         flat = make_flat_list_of_images(batch_images)
         images.extend(flat)
         image_kwargs.update(kwargs)
-        grids = torch.tensor([image_grid(image, image_processor, kwargs) for image in flat], dtype=torch.long)
+        grids = torch.tensor([image_grid(image, image_processor) for image in flat], dtype=torch.long)
         processed = {"pixel_values": torch.empty(0), "image_grid_thw": grids}
         replacements = [processor.replace_image_token(processed, image_idx=index, **kwargs) for index in range(len(flat))]
         return processed, replacements
@@ -161,16 +151,3 @@ def _grids_from_sizes(processor: Any, images: list[Any], image_kwargs: dict[str,
         yield
     finally:
         del processor._process_images
-
-
-def _image_processor_defaults(image_processor: Any) -> dict[str, Any]:
-    size = image_processor.size
-    size = size if isinstance(size, dict) else {"shortest_edge": size.shortest_edge, "longest_edge": size.longest_edge}
-    return {
-        "do_resize": image_processor.do_resize,
-        "size": size,
-        "patch_size": image_processor.patch_size,
-        "merge_size": image_processor.merge_size,
-    }
-
-

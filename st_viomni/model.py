@@ -13,6 +13,7 @@ name the offending input, images normalised to RGB once). It writes exactly the 
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Dense, Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
+from .batching import DEFAULT_MAX_PADDING, Unsupported, encode_planned
 from .formatting import CHAT_TEMPLATE
 from .inputs import check_inputs, describe_input
 from .model_card import ViOmniModelCardData
@@ -56,12 +58,43 @@ class ViOmniQwen(SentenceTransformer):
         placeholder = f'SentenceTransformer("{self._model_card_model_id_placeholder}")'
         return model_card.replace(placeholder, f'SentenceTransformer("{self.model_card_data.model_id}")')
 
-    def encode(self, inputs: Any, *args, **kwargs):
-        # encode sorts inputs by length before batching; check here so that errors name the caller's index.
-        if isinstance(inputs, (list, tuple)) and not _is_conversation(inputs):
-            inputs = check_inputs(list(inputs))
-        else:
-            inputs = check_inputs([inputs])[0]
+    def encode(
+        self,
+        inputs: Any,
+        *args,
+        max_padding: float | None = DEFAULT_MAX_PADDING,
+        max_batch_tokens: int | None = None,
+        **kwargs,
+    ):
+        """``SentenceTransformer.encode``, same arguments and results, batched by real cost.
+
+        Several inputs are grouped by their real sequence length (template and text tokens plus visual tokens
+        computed from each image's size, before any image is decoded): batches of at most ``batch_size``
+        inputs with at most ``max_padding`` of their language-model tokens padding (and at most
+        ``max_batch_tokens`` padded tokens, if set); each batch is encoded by stock sentence-transformers
+        while the next one's images are decoded, and the embeddings come back in input order. See
+        :mod:`st_viomni.batching`. ``max_padding=None`` batches as stock sentence-transformers does. Options
+        the planner does not handle (``output_value`` other than sentence embeddings, multi-process ``pool`` or
+        device lists, extra keyword arguments other than ``encode_query``/``encode_document``'s ``task``) and
+        inputs it cannot cost (audio, video, URLs, conversations mixed with other inputs) take the stock path.
+        """
+        several = isinstance(inputs, (list, tuple)) and not _is_conversation(inputs)
+        if several and len(inputs) > 1 and max_padding is not None:
+            options = inspect.signature(SentenceTransformer.encode).bind(self, inputs, *args, **kwargs)
+            options.apply_defaults()
+            try:
+                return encode_planned(
+                    self,
+                    super().encode,
+                    list(inputs),
+                    {name: value for name, value in options.arguments.items() if name not in ("self", "inputs")},
+                    max_padding=max_padding,
+                    max_batch_tokens=max_batch_tokens,
+                )
+            except Unsupported:
+                pass
+        # Stock encode sorts inputs by length before batching; check here so that errors name the caller's index.
+        inputs = check_inputs(list(inputs)) if several else check_inputs([inputs])[0]
         return super().encode(inputs, *args, **kwargs)
 
     def preprocess(self, inputs: Sequence[Any], prompt: str | None = None, **kwargs) -> dict[str, Any]:
