@@ -11,6 +11,7 @@ most the budget, whatever the mix (a single row longer than the budget is a mini
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -36,14 +37,14 @@ def order_rows_by_length(feature: dict[str, Any]) -> tuple[dict[str, Any], Tenso
             ordered[key] = value
     if "image_grid_thw" in feature:
         images_per_row = feature["num_images_per_sample"].tolist()
-        starts = [sum(images_per_row[:row]) for row in range(batch_size)]
+        starts = [0, *accumulate(images_per_row)]
         image_order = [starts[row] + k for row in order.tolist() for k in range(images_per_row[row])]
         ordered["image_grid_thw"] = feature["image_grid_thw"][image_order]
         if IMAGES in feature:
             ordered[IMAGES] = [feature[IMAGES][index] for index in image_order]
         if "pixel_values" in feature:
             patches = feature["image_grid_thw"].prod(dim=1).tolist()
-            offsets = [sum(patches[:index]) for index in range(len(patches))]
+            offsets = [0, *accumulate(patches)]
             ordered["pixel_values"] = torch.cat(
                 [feature["pixel_values"][offsets[index] : offsets[index] + patches[index]] for index in image_order]
             )

@@ -33,7 +33,7 @@ from typing import Any
 
 from PIL import Image
 
-from .inputs import IMAGE_EXTENSIONS, check_inputs
+from .inputs import IMAGE_EXTENSIONS, check_inputs, is_conversation, is_image_path
 
 DEFAULT_MAX_PADDING = 0.05
 """Largest fraction of padding tokens allowed in one planned batch."""
@@ -179,7 +179,7 @@ def estimate_costs(model: Any, inputs: Sequence[Any], prompt: str | None = None)
         stand_in, item_sizes = _stand_in(value, index)
         stand_ins.append(stand_in)
         sizes.append(item_sizes)
-    conversations = sum(1 for value in inputs if _is_conversation(value))
+    conversations = sum(1 for value in inputs if is_conversation(value))
     if 0 < conversations < len(inputs):
         # sentence-transformers renders a conversation differently in a batch with other kinds of input.
         raise Unsupported("conversations mixed with other inputs")
@@ -219,19 +219,6 @@ def _task_renders_the_same(transformer: Any) -> bool:
     )
 
 
-def _is_conversation(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
-
-
-def _is_image_path(value: str) -> bool:
-    # The rule of st_viomni.inputs.check_inputs (and of sentence-transformers) for a string that names an image.
-    return (
-        not value.startswith(("http://", "https://", "data:"))
-        and " " not in value.strip()
-        and value.lower().endswith(IMAGE_EXTENSIONS)
-    )
-
-
 def _stand_in(value: Any, index: int) -> tuple[Any, list[tuple[int, int]]]:
     """``value`` with every image replaced by a 1x1 stand-in, and the images' sizes. An input the estimator
     cannot read is handed to ``check_inputs``, which raises the error naming the input (or, should it accept
@@ -249,7 +236,7 @@ def _stand_in_or_raise(value: Any) -> tuple[Any, list[tuple[int, int]]]:
     if isinstance(value, str):
         if value.startswith(("http://", "https://", "data:")) and value.lower().endswith(IMAGE_EXTENSIONS):
             raise Unsupported("image URL")
-        if _is_image_path(value):
+        if is_image_path(value):
             if not os.path.isfile(value):
                 raise FileNotFoundError(value)
             return _PLACEHOLDER, [image_size(value)]
@@ -274,7 +261,7 @@ def _stand_in_or_raise(value: Any) -> tuple[Any, list[tuple[int, int]]]:
                 sizes = [image_size(image) for image in (images if many else [images])]
                 stand_in["image"] = [_PLACEHOLDER] * len(sizes) if many else _PLACEHOLDER
         return stand_in, sizes
-    if _is_conversation(value):
+    if is_conversation(value):
         conversation, sizes = [], []
         for message in value:
             content = message.get("content")

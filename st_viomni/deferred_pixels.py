@@ -116,8 +116,8 @@ def with_pixels(
     batch_size = feature["input_ids"].shape[0]
     end = batch_size if end is None else min(end, batch_size)
     mini_batch = _create_minibatch(tokens, begin, end)
-    images_per_row = feature["num_images_per_sample"].tolist()
-    first, last = sum(images_per_row[:begin]), sum(images_per_row[:end])
+    images_per_row = feature["num_images_per_sample"]
+    first, last = int(images_per_row[:begin].sum()), int(images_per_row[:end].sum())
     if first == last:  # a text-only mini-batch
         return mini_batch
     grids = feature["image_grid_thw"][first:last]

@@ -61,12 +61,26 @@ def describe_input(value: Any) -> str:
     return f"the input with text {shown!r} and {images} image(s)"
 
 
+def is_image_path(value: str) -> bool:
+    """Whether a string names an image file (sentence-transformers' rule: an image extension, no space, not a
+    URL); :func:`check_inputs` then requires the file to exist."""
+    return (
+        not value.startswith(("http://", "https://", "data:"))
+        and " " not in value.strip()
+        and value.lower().endswith(IMAGE_EXTENSIONS)
+    )
+
+
+def is_conversation(value: Any) -> bool:
+    """Whether ``value`` is one chat conversation (a non-empty list of ``{"role", ...}`` messages)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
 def _check_input(value: Any, name: str) -> Any:
     if value is None:
         raise ValueError(f"{name} is None; expected text, an image, a {{'text', 'image'}} dict or chat messages")
     if isinstance(value, str):
-        is_url = value.startswith(("http://", "https://", "data:"))
-        if not is_url and " " not in value.strip() and value.lower().endswith(IMAGE_EXTENSIONS):
+        if is_image_path(value):
             if not os.path.isfile(value):
                 raise FileNotFoundError(
                     f"{name} names an image file that does not exist: {value!r} "

@@ -26,7 +26,7 @@ from sentence_transformers.sentence_transformer.modules import Pooling
 
 from .batching import DEFAULT_MAX_PADDING, Unsupported, encode_planned
 from .formatting import CHAT_TEMPLATE
-from .inputs import check_inputs, describe_input
+from .inputs import check_inputs, describe_input, is_conversation
 from .model_card import ViOmniModelCardData
 from .tasks import PREFIXES
 
@@ -78,7 +78,7 @@ class ViOmniQwen(SentenceTransformer):
         device lists, extra keyword arguments other than ``encode_query``/``encode_document``'s ``task``) and
         inputs it cannot cost (audio, video, URLs, conversations mixed with other inputs) take the stock path.
         """
-        several = isinstance(inputs, (list, tuple)) and not _is_conversation(inputs)
+        several = isinstance(inputs, (list, tuple)) and not is_conversation(inputs)
         if several and len(inputs) > 1 and max_padding is not None:
             options = inspect.signature(SentenceTransformer.encode).bind(self, inputs, *args, **kwargs)
             options.apply_defaults()
@@ -121,10 +121,6 @@ class ViOmniQwen(SentenceTransformer):
             f"{'; '.join(too_long) or 'an input'} does not fit in max_seq_length={limit} without cutting image "
             "tokens; use fewer or smaller images (max_pixels) or raise max_seq_length"
         )
-
-
-def _is_conversation(value: Sequence[Any]) -> bool:
-    return bool(value) and all(isinstance(item, dict) and "role" in item for item in value)
 
 
 def build_model(

@@ -36,6 +36,20 @@ class FakeHub:
     """Records what push_to_hub (`st-viomni push`, a recipe's `hub:` section) sends to the Hub API instead of
     sending it: the repositories created, with their visibility, and every uploaded file's bytes."""
 
+    MODEL_FILES = (
+        "modules.json",
+        "config_sentence_transformers.json",
+        "sentence_bert_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "1_Pooling/config.json",
+        "2_Dense/model.safetensors",
+        "README.md",
+    )
+    """Files every pushed viOmni model carries besides its Qwen2-VL weights (a full model or LoRA adapters)."""
+
     def __init__(self):
         self.repos, self.uploads = [], []
 

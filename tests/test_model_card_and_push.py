@@ -51,20 +51,7 @@ def test_push_uploads_the_complete_model(tiny_model, tmp_path, fake_hub, capsys)
     assert fake_hub.repos == [{"repo_id": "erax/viOmniQwen-tiny", "private": True}]
     (upload,) = fake_hub.uploads
     files = upload["files"]
-    for required in (
-        "model.safetensors",
-        "modules.json",
-        "config.json",
-        "config_sentence_transformers.json",
-        "sentence_bert_config.json",
-        "processor_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-        "2_Dense/model.safetensors",
-        "1_Pooling/config.json",
-        "README.md",
-    ):
+    for required in ("model.safetensors", "config.json", *fake_hub.MODEL_FILES):
         assert required in files, required
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
     card = files["README.md"].decode()
