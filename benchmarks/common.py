@@ -205,6 +205,16 @@ def _malloc_trim() -> None:
         pass
 
 
+def minor_page_faults() -> int | None:
+    """Minor page faults of this process so far (Linux, macOS): each is a page of memory touched for the first
+    time since it was mapped. Large tensors that the C allocator maps afresh on every allocation show up here."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def current_rss_bytes() -> int | None:
     kib = _proc_status_kib("VmRSS")
     return None if kib is None else kib * 1024

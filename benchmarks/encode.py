@@ -459,6 +459,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         system.encode(items[: args.warmup_items])
 
     seconds: dict[str, list[float]] = {name: [] for name in systems}
+    faults: dict[str, list[int]] = {name: [] for name in systems}
     embeddings: dict[str, Any] = {}
     counts: dict[str, dict[str, Any]] = {}
     memory: dict[str, dict[str, Any]] = {}
@@ -469,6 +470,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for name in order[shift:] + order[:shift]:
             gc.collect()
             counters[name].reset()
+            faults_before = common.minor_page_faults()
             if args.memory == "inprocess" and repeat == 0:
                 with common.PeakMemory(args.device) as peak:
                     result, elapsed = common.timed(lambda: systems[name].encode(items), args.device)
@@ -476,6 +478,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             else:
                 result, elapsed = common.timed(lambda: systems[name].encode(items), args.device)
             seconds[name].append(elapsed)
+            if faults_before is not None:
+                faults[name].append(common.minor_page_faults() - faults_before)
             embeddings[name] = result
             summary = counters[name].summary(config, args.embedding_dim)
             if name in counts and counts[name]["tokens"] != summary["tokens"]:
@@ -520,6 +524,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "fraction_of_fp32_matmul": round(statistics.median(rates) / matmul.median("float32"), 4),
             "fraction_of_same_dtype_matmul": round(statistics.median(rates) / matmul.median(run_dtype), 4),
             "peak_memory": memory.get(name),
+            "minor_page_faults_per_pass": int(statistics.median(faults[name])) if faults[name] else None,
             f"vs_{reference_name}": {"max_abs_diff": float(f"{diff:.3g}"), "min_cosine": round(cosine, 6)},
         }
 
@@ -612,9 +617,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{machine['load_average_start'][0]} at start, {machine['load_average_end'][0]} at end. "
         f"Command: `{result['command']}`.",
         "",
-        "| system | items/s | visual tok/s | text tok/s | padding | peak memory growth "
+        "| system | items/s | visual tok/s | text tok/s | padding | peak memory growth | page faults/pass "
         "| useful FLOP/s (of fp32 matmul) | max abs diff vs st-viomni |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, system in result["systems"].items():
         memory = system["peak_memory"]
@@ -626,6 +631,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {name} | {items['median']:.3g} ({items['min']:.3g}-{items['max']:.3g}) "
             f"| {system['visual_tokens_per_s']['median']:.4g} | {system['text_tokens_per_s']['median']:.4g} "
             f"| {system['padding_fraction']:.1%} | {memory_text} "
+            f"| {_count(system.get('minor_page_faults_per_pass'))} "
             f"| {common.fmt_si(flops, 'FLOP/s')} ({system['fraction_of_fp32_matmul']:.1%}) "
             f"| {agreement['max_abs_diff']:.2g} |"
         )
@@ -642,6 +648,10 @@ def markdown_table(result: dict[str, Any]) -> str:
                          else f"{key} {value}")
         lines.append("Paired ratios (same repeat): " + "; ".join(parts) + ".")
     return "\n".join(lines) + "\n"
+
+
+def _count(value: int | None) -> str:
+    return "not measured" if value is None else f"{value:,}"
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -12,7 +12,10 @@ This module plans batches by what the language model really computes, before any
    clamped to ``min_pixels``/``max_pixels``), capped at ``max_seq_length``.
 2. :func:`plan_batches`: sort by that length (longest first) and cut into batches of at most ``batch_size``
    inputs whose padding, ``(n * longest - sum) / (n * longest)``, stays within ``max_padding`` (5% by
-   default) and whose padded token count ``n * longest`` stays within ``max_batch_tokens`` (if set).
+   default) and whose padded token count ``n * longest`` stays within ``max_batch_tokens``. On CPU, batches
+   are also kept small enough that their MLP activations stay within :data:`CPU_ACTIVATION_BYTES` (in tokens
+   and in image patches, :func:`cpu_batch_bounds`), where the allocator reuses memory instead of
+   page-faulting it in afresh.
 3. :func:`encode_planned`: encode each planned batch with stock ``SentenceTransformer.encode`` (so every
    embedding is the one stock sentence-transformers computes for that input) while a background thread
    decodes the next batch's images, then put the embeddings back in input order.
@@ -37,6 +40,13 @@ from .inputs import IMAGE_EXTENSIONS, check_inputs, is_conversation, is_image_pa
 
 DEFAULT_MAX_PADDING = 0.05
 """Largest fraction of padding tokens allowed in one planned batch."""
+
+CPU_ACTIVATION_BYTES = 32 * 2**20
+"""On CPU, a planned batch keeps its largest activations (the MLP hidden layers of the language model and of
+the vision tower) within this many bytes. glibc's malloc hands out blocks above 32 MiB (its highest ``mmap``
+threshold) as fresh pages on every allocation and returns them on free, so each such tensor page-faults all of
+its memory in again; below it, freed memory is reused. Unbounded batches of 8 large images took about 860,000
+page faults and 13% longer than with no faults (``benchmarks/NOTES.md``)."""
 
 PREFETCH = True
 """Decode the next batch's images in a background thread while the current batch is encoded (False: decode
@@ -291,20 +301,24 @@ def plan_batches(
     max_items: int,
     max_padding: float = DEFAULT_MAX_PADDING,
     max_tokens: int | None = None,
+    patches: Sequence[int] | None = None,
+    max_patches: int | None = None,
 ) -> list[list[int]]:
     """Group inputs into batches by sequence length.
 
     Inputs are taken longest first (ties in input order); a batch grows until one more input would exceed
-    ``max_items`` inputs, a padding fraction ``(n * longest - sum) / (n * longest)`` above ``max_padding``, or
-    ``n * longest > max_tokens`` padded tokens. (Each input is no longer than those already in the batch, so
-    growing only ever adds padding: the first refusal closes the batch.) A single input always forms a batch,
-    whatever its length.
+    ``max_items`` inputs, a padding fraction ``(n * longest - sum) / (n * longest)`` above ``max_padding``,
+    ``n * longest > max_tokens`` padded tokens, or more than ``max_patches`` image patches. (Each input is no
+    longer than those already in the batch, so growing only ever adds padding: the first refusal closes the
+    batch.) A single input always forms a batch, whatever its size.
 
     Args:
         lengths: Sequence length of every input.
         max_items: Most inputs per batch (``encode``'s ``batch_size``).
         max_padding: Largest padding fraction of a batch, in ``[0, 1)``.
         max_tokens: Largest padded size ``n * longest`` of a batch in tokens; None for no bound.
+        patches: Image patches of every input (what the vision tower computes); needed with ``max_patches``.
+        max_patches: Most image patches per batch; None for no bound.
 
     Returns:
         Batches of indices into ``lengths``, longest batch first; every index appears exactly once.
@@ -313,12 +327,15 @@ def plan_batches(
         raise ValueError(f"max_items must be positive, got {max_items}")
     if not 0 <= max_padding < 1:
         raise ValueError(f"max_padding must be in [0, 1), got {max_padding}")
+    if max_patches is not None and (patches is None or len(patches) != len(lengths)):
+        raise ValueError("max_patches needs the patches of every input")
     order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
     batches: list[list[int]] = []
     batch: list[int] = []
-    longest = total = 0
+    longest = total = total_patches = 0
     for index in order:
         length = lengths[index]
+        item_patches = patches[index] if patches is not None else 0
         if batch:
             rows = len(batch) + 1
             padded = rows * longest
@@ -326,16 +343,33 @@ def plan_batches(
                 rows > max_items
                 or padded - (total + length) > max_padding * padded
                 or (max_tokens is not None and padded > max_tokens)
+                or (max_patches is not None and total_patches + item_patches > max_patches)
             ):
                 batches.append(batch)
                 batch = []
         if not batch:
-            longest, total = length, 0
+            longest, total, total_patches = length, 0, 0
         batch.append(index)
         total += length
+        total_patches += item_patches
     if batch:
         batches.append(batch)
     return batches
+
+
+def cpu_batch_bounds(model: Any) -> tuple[int | None, int | None]:
+    """``(max_tokens, max_patches)`` per batch that keep a CPU forward's MLP activations within
+    :data:`CPU_ACTIVATION_BYTES`: padded tokens times the language model's ``intermediate_size``, and image
+    patches times the vision tower's MLP width, in the model's dtype. None where the config does not say."""
+    config = getattr(model[0].model, "config", None)
+    text_config = getattr(config, "text_config", None)
+    vision_config = getattr(config, "vision_config", None)
+    itemsize = next(model.parameters()).element_size()
+    intermediate = getattr(text_config, "intermediate_size", None)
+    embed_dim, mlp_ratio = getattr(vision_config, "embed_dim", None), getattr(vision_config, "mlp_ratio", None)
+    max_tokens = CPU_ACTIVATION_BYTES // (intermediate * itemsize) if intermediate else None
+    max_patches = CPU_ACTIVATION_BYTES // (int(embed_dim * mlp_ratio) * itemsize) if embed_dim and mlp_ratio else None
+    return max_tokens, max_patches
 
 
 def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
@@ -367,7 +401,8 @@ def encode_planned(
         options: Every other argument of ``encode`` by name (``prompt_name``, ``batch_size``, ...), defaults
             filled in, extra keyword arguments under ``"kwargs"``.
         max_padding: Padding bound of a batch (see :func:`plan_batches`).
-        max_batch_tokens: Token bound of a batch (see :func:`plan_batches`).
+        max_batch_tokens: Token bound of a batch (see :func:`plan_batches`); None: on CPU, the bound of
+            :func:`cpu_batch_bounds` (which also bounds image patches), on an accelerator no bound.
 
     Raises:
         Unsupported: Options or inputs the planner does not handle (before anything is computed); the caller
@@ -391,8 +426,17 @@ def encode_planned(
         raise Unsupported("options outside the planned path")
     prompt = model._resolve_prompt(options["prompt"], options["prompt_name"])
     costs = estimate_costs(model, inputs, prompt)
+    max_patches = None
+    if torch.device(options["device"] or model.device).type == "cpu":
+        cpu_tokens, max_patches = cpu_batch_bounds(model)
+        max_batch_tokens = max_batch_tokens or cpu_tokens
     batches = plan_batches(
-        [cost.tokens for cost in costs], options["batch_size"], max_padding=max_padding, max_tokens=max_batch_tokens
+        [cost.tokens for cost in costs],
+        options["batch_size"],
+        max_padding=max_padding,
+        max_tokens=max_batch_tokens,
+        patches=[cost.image_patches for cost in costs],
+        max_patches=max_patches,
     )
 
     show_progress_bar = options["show_progress_bar"]

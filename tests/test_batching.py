@@ -10,7 +10,8 @@ from PIL import Image
 from sentence_transformers import SentenceTransformer
 
 from st_viomni import ViOmniQwen, build_model, format_input
-from st_viomni.batching import PixelBudget, estimate_costs, padding_fraction, plan_batches
+from st_viomni import batching
+from st_viomni.batching import PixelBudget, cpu_batch_bounds, estimate_costs, padding_fraction, plan_batches
 
 # (width, height): below min_pixels, above max_pixels, extreme and mild aspect ratios, odd sizes.
 SIZES = [(20, 20), (57, 57), (100, 60), (60, 150), (800, 600), (1000, 90), (90, 1000), (333, 217), (640, 480)]
@@ -141,6 +142,55 @@ def test_plans_respect_the_padding_and_size_bounds():
             assert max_tokens is None or len(batch) == 1 or len(batch) * longest <= max_tokens
     assert plan_batches([5, 9, 9, 1], 2) == [[1, 2], [0], [3]]
     assert plan_batches([], 8) == []
+
+
+def test_plans_respect_the_patch_bound():
+    rng = random.Random(1)
+    lengths = [rng.randint(5, 700) for _ in range(300)]
+    patches = [rng.choice([0, 0, rng.randint(16, 4096)]) for _ in lengths]
+    batches = plan_batches(lengths, 8, max_padding=0.5, patches=patches, max_patches=3000)
+    assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
+    assert all(len(batch) == 1 or sum(patches[index] for index in batch) <= 3000 for batch in batches)
+    assert any(len(batch) == 1 and patches[batch[0]] > 3000 for batch in batches)  # an oversized image alone
+    assert plan_batches([9, 9, 9], 8, patches=[10, 10, 10], max_patches=20) == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="patches"):
+        plan_batches([9, 9], 8, max_patches=20)
+
+
+def test_cpu_bounds_keep_mlp_activations_within_the_budget(saved):
+    model, _ = saved
+    text, vision = model[0].model.config.text_config, model[0].model.config.vision_config
+    max_tokens, max_patches = cpu_batch_bounds(model)
+    assert max_tokens == batching.CPU_ACTIVATION_BYTES // (text.intermediate_size * 4)  # float32
+    assert max_patches == batching.CPU_ACTIVATION_BYTES // (vision.embed_dim * vision.mlp_ratio * 4)
+
+
+def test_cpu_encode_keeps_each_batch_within_the_bounds(saved, images, monkeypatch):
+    model, stock = saved
+    inputs = _mixed_inputs(images) * 2
+    reference = stock.encode(inputs, batch_size=4)
+    text, vision = model[0].model.config.text_config, model[0].model.config.vision_config
+    # A budget that binds on the tiny model: 100 padded tokens or 300 image patches per batch.
+    monkeypatch.setattr(batching, "CPU_ACTIVATION_BYTES", 100 * text.intermediate_size * 4)
+    max_patches = 100 * text.intermediate_size // (vision.embed_dim * vision.mlp_ratio)
+    assert cpu_batch_bounds(model) == (100, max_patches)
+    seen = []
+    handle = model[0].register_forward_pre_hook(lambda module, args: seen.append(dict(args[0])))
+    try:
+        encoded = model.encode(inputs, batch_size=8)
+        calls = len(seen)
+        model.encode(inputs, batch_size=8, max_batch_tokens=10**6)  # an explicit token bound replaces the CPU one
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(encoded, reference, atol=1e-5)
+    unbounded = plan_batches([cost.tokens for cost in estimate_costs(model, inputs)], 8)
+    assert calls > len(unbounded)
+    for features in seen[:calls]:
+        rows, length = features["attention_mask"].shape
+        grid = features.get("image_grid_thw")
+        assert rows == 1 or rows * length <= 100
+        assert rows == 1 or grid is None or int(grid.prod(dim=1).sum()) <= max_patches
+    assert any(features["attention_mask"].numel() > 100 for features in seen[calls:])
 
 
 def test_encoded_batches_stay_within_the_padding_bound(saved, images):

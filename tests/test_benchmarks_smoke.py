@@ -75,6 +75,7 @@ def test_encode_benchmark_at_toy_size(bench_dirs):
         assert 0 <= system["padding_fraction"] < 1
         assert system["useful_flops"]["total"] > 0 and system["fraction_of_fp32_matmul"] > 0
         assert system["peak_memory"]["method"]
+        assert system["minor_page_faults_per_pass"] >= 0
     # The same items go through every system, so every system embeds the same useful tokens.
     assert len({json.dumps(system["tokens"]["useful"]) for system in result["systems"].values()}) == 1
     assert result["systems"]["hf-loop"]["padding_fraction"] == 0
