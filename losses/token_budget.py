@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from st_viomni.batching import plan_batches
 from st_viomni.deferred_pixels import IMAGES
 
 
@@ -53,16 +54,13 @@ def order_rows_by_length(feature: dict[str, Any]) -> tuple[dict[str, Any], Tenso
 
 def padded_token_ranges(attention_mask: Tensor, num_tokens: int, max_rows: int) -> list[tuple[int, int]]:
     """``(begin, end)`` mini-batches of rows ordered longest first, each with ``rows x longest <= num_tokens``
-    (or a single row) and at most ``max_rows`` rows."""
+    (or a single row) and at most ``max_rows`` rows: the encode planner's rule
+    (:func:`st_viomni.batching.plan_batches`), which cuts contiguous ranges of rows ordered longest first."""
     lengths = attention_mask.sum(dim=1).tolist()
-    ranges, begin = [], 0
-    while begin < len(lengths):
-        longest, end = max(lengths[begin], 1), begin + 1
-        while end < len(lengths) and end - begin < max_rows and (end - begin + 1) * longest <= num_tokens:
-            end += 1
-        ranges.append((begin, end))
-        begin = end
-    return ranges
+    if any(shorter > longer for longer, shorter in zip(lengths, lengths[1:])):
+        raise ValueError("padded_token_ranges needs rows ordered longest first (order_rows_by_length)")
+    batches = plan_batches(lengths, max_rows, max_padding=None, max_tokens=num_tokens)
+    return [(batch[0], batch[-1] + 1) for batch in batches]
 
 
 _IMAGE_KEYS = ("image_grid_thw", "pixel_values")

@@ -299,7 +299,7 @@ def _stand_in_or_raise(value: Any) -> tuple[Any, list[tuple[int, int]]]:
 def plan_batches(
     lengths: Sequence[int],
     max_items: int,
-    max_padding: float = DEFAULT_MAX_PADDING,
+    max_padding: float | None = DEFAULT_MAX_PADDING,
     max_tokens: int | None = None,
     patches: Sequence[int] | None = None,
     max_patches: int | None = None,
@@ -315,7 +315,7 @@ def plan_batches(
     Args:
         lengths: Sequence length of every input.
         max_items: Most inputs per batch (``encode``'s ``batch_size``).
-        max_padding: Largest padding fraction of a batch, in ``[0, 1)``.
+        max_padding: Largest padding fraction of a batch, in ``[0, 1)``; None for no bound.
         max_tokens: Largest padded size ``n * longest`` of a batch in tokens; None for no bound.
         patches: Image patches of every input (what the vision tower computes); needed with ``max_patches``.
         max_patches: Most image patches per batch; None for no bound.
@@ -325,7 +325,7 @@ def plan_batches(
     """
     if max_items < 1:
         raise ValueError(f"max_items must be positive, got {max_items}")
-    if not 0 <= max_padding < 1:
+    if max_padding is not None and not 0 <= max_padding < 1:
         raise ValueError(f"max_padding must be in [0, 1), got {max_padding}")
     if max_patches is not None and (patches is None or len(patches) != len(lengths)):
         raise ValueError("max_patches needs the patches of every input")
@@ -341,7 +341,7 @@ def plan_batches(
             padded = rows * longest
             if (
                 rows > max_items
-                or padded - (total + length) > max_padding * padded
+                or (max_padding is not None and padded - (total + length) > max_padding * padded)
                 or (max_tokens is not None and padded > max_tokens)
                 or (max_patches is not None and total_patches + item_patches > max_patches)
             ):

@@ -66,7 +66,6 @@ class DeferredPixelCollator(SentenceTransformerDataCollator):
         processor = getattr(model[0], "processor", None) if model is not None else None
         if getattr(processor, "image_processor", None) is None:
             raise ValueError("DeferredPixelCollator needs preprocess_fn=model.preprocess of a Qwen2-VL model")
-        self.processor = processor
         preprocess = self.preprocess_fn
 
         def preprocess_without_pixels(inputs, prompt=None, **kwargs) -> dict[str, Any]:

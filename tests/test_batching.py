@@ -132,13 +132,14 @@ def test_cost_estimate_equals_the_processors_token_count(saved, images, tmp_path
 def test_plans_respect_the_padding_and_size_bounds():
     rng = random.Random(0)
     lengths = [rng.choice([rng.randint(5, 40), rng.randint(100, 700)]) for _ in range(500)]
-    for max_items, max_padding, max_tokens in [(8, 0.05, None), (32, 0.0, None), (4, 0.2, 2000), (1, 0.05, None)]:
+    cases = [(8, 0.05, None), (32, 0.0, None), (4, 0.2, 2000), (1, 0.05, None), (16, None, 3000)]
+    for max_items, max_padding, max_tokens in cases:
         batches = plan_batches(lengths, max_items, max_padding=max_padding, max_tokens=max_tokens)
         assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
         for batch in batches:
             longest = max(lengths[index] for index in batch)
             assert len(batch) <= max_items
-            assert padding_fraction(lengths, [batch]) <= max_padding + 1e-12
+            assert max_padding is None or padding_fraction(lengths, [batch]) <= max_padding + 1e-12
             assert max_tokens is None or len(batch) == 1 or len(batch) * longest <= max_tokens
     assert plan_batches([5, 9, 9, 1], 2) == [[1, 2], [0], [3]]
     assert plan_batches([], 8) == []

@@ -155,3 +155,15 @@ def test_token_budget_mini_batches_bound_the_padded_tokens(tiny_model, monkeypat
     assert len(shapes) > 2
     for size, longest in shapes:
         assert size * longest <= budget or size == 1, shapes
+
+
+def test_token_budget_ranges_are_contiguous_and_need_rows_ordered_by_length():
+    from st_viomni.losses.token_budget import padded_token_ranges
+
+    mask = torch.zeros(6, 10, dtype=torch.long)
+    for row, length in enumerate([10, 9, 5, 5, 4, 1]):
+        mask[row, :length] = 1
+    assert padded_token_ranges(mask, num_tokens=20, max_rows=3) == [(0, 2), (2, 5), (5, 6)]
+    assert padded_token_ranges(mask, num_tokens=5, max_rows=8) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
+    with pytest.raises(ValueError, match="longest first"):
+        padded_token_ranges(mask.flip(0), num_tokens=20, max_rows=3)
