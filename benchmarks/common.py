@@ -315,49 +315,91 @@ class TokenCounter:
 # Compute reference
 
 
-def matmul_rates(size: int, dtype_name: str, device: str, repeats: int = 5) -> list[float]:
-    """FLOP/s of ``repeats`` ``size x size`` by ``size x size`` matrix products (2 * size**3 FLOPs each)."""
+MATMUL_KERNELS = ("torch.mm", "linear")
+"""The products the reference times: ``torch.mm``, PyTorch's default (MKL ``sgemm`` for float32 on CPU), and
+``st_viomni.onednn_linear.linear``, the kernel st-viomni's linear layers run (oneDNN for float32 on CPU without
+gradients, ``F.linear`` otherwise). The reference is the faster of the two, so that a system running its
+products on the faster kernel is not credited with more than 100% of the machine."""
+
+
+def matmul_rates(size: int, dtype_name: str, device: str, repeats: int = 5) -> dict[str, list[float]]:
+    """FLOP/s of ``repeats`` ``size x size`` by ``size x size`` products (2 * size**3 FLOPs each) per kernel
+    of :data:`MATMUL_KERNELS`."""
     import torch
+
+    from st_viomni.onednn_linear import linear
 
     dtype = resolve_dtype(dtype_name)
     generator = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-    times = []
-    for index in range(repeats + 1):
-        sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        sync(device)
-        if index:  # the first product warms up the kernels
-            times.append(time.perf_counter() - start)
-    return [2 * size**3 / seconds for seconds in times]
+    products = {"torch.mm": lambda: torch.mm(a, b), "linear": lambda: linear(a, b)}  # linear: a @ b.T
+    rates: dict[str, list[float]] = {kernel: [] for kernel in MATMUL_KERNELS}
+    with torch.inference_mode():
+        for kernel, product in products.items():
+            for index in range(repeats + 1):
+                sync(device)
+                start = time.perf_counter()
+                product()
+                sync(device)
+                if index:  # the first product warms up the kernel
+                    rates[kernel].append(2 * size**3 / (time.perf_counter() - start))
+    return rates
 
 
 class MatmulReference:
     """The machine's matmul FLOP/s in the run's dtypes, measured at the start of a run and again between its
     repeats: on a shared machine the compute available changes during a run, and the reference should see the
-    same conditions as the measurements it is compared with. The reference is the median over all products."""
+    same conditions as the measurements it is compared with. The reference of a dtype is the median over all
+    products of its faster kernel (:data:`MATMUL_KERNELS`)."""
 
     def __init__(self, size: int, dtypes: Sequence[str], device: str) -> None:
         self.size = size
         self.device = device
-        self.rates: dict[str, list[float]] = {dtype: [] for dtype in dict.fromkeys(dtypes)}
+        self.rates: dict[str, dict[str, list[float]]] = {
+            dtype: {kernel: [] for kernel in MATMUL_KERNELS} for dtype in dict.fromkeys(dtypes)
+        }
         self.measurements = 0
 
     def measure(self, repeats: int = 5) -> None:
-        for dtype, rates in self.rates.items():
-            rates.extend(matmul_rates(self.size, dtype, self.device, repeats))
+        for dtype, kernels in self.rates.items():
+            for kernel, rates in matmul_rates(self.size, dtype, self.device, repeats).items():
+                kernels[kernel].extend(rates)
         self.measurements += 1
 
+    def fastest_kernel(self, dtype: str) -> str:
+        return max(MATMUL_KERNELS, key=lambda kernel: statistics.median(self.rates[dtype][kernel]))
+
     def median(self, dtype: str) -> float:
-        return statistics.median(self.rates[dtype])
+        return statistics.median(self.rates[dtype][self.fastest_kernel(dtype)])
 
     def summary(self) -> dict[str, Any]:
         return {
-            dtype: {"size": self.size, "dtype": dtype, "measurements": self.measurements, **summarize(rates)}
-            for dtype, rates in self.rates.items()
+            dtype: {
+                "size": self.size,
+                "dtype": dtype,
+                "measurements": self.measurements,
+                "kernel": self.fastest_kernel(dtype),
+                **summarize(kernels[self.fastest_kernel(dtype)]),
+                "kernels": {kernel: summarize(rates) for kernel, rates in kernels.items()},
+            }
+            for dtype, kernels in self.rates.items()
         }
+
+
+def describe_matmul(summary: dict[str, Any]) -> str:
+    """One line for a results table: each dtype's reference and the kernels it was the faster of."""
+    parts = []
+    for dtype, reference in summary.items():
+        kernels = ", ".join(
+            f"{kernel} {fmt_si(rates['median'], 'FLOP/s')}" for kernel, rates in reference["kernels"].items()
+        )
+        parts.append(f"{dtype} {fmt_si(reference['median'], 'FLOP/s')} ({kernels})")
+    first = next(iter(summary.values()))
+    return (
+        f"Matmul reference ({first['size']}x{first['size']}, the faster kernel, median of {first['measurements']} "
+        f"measurements through the run): {'; '.join(parts)}."
+    )
 
 
 def sync(device: str) -> None:

@@ -635,10 +635,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {common.fmt_si(flops, 'FLOP/s')} ({system['fraction_of_fp32_matmul']:.1%}) "
             f"| {agreement['max_abs_diff']:.2g} |"
         )
-    matmul = ", ".join(f"{dtype} {common.fmt_si(m['median'], 'FLOP/s')}" for dtype, m in result["matmul"].items())
-    size = next(iter(result["matmul"].values()))["size"]
-    count = next(iter(result["matmul"].values()))["measurements"]
-    lines += ["", f"Matmul reference ({size}x{size}, median of {count} measurements through the run): {matmul}."]
+    lines += ["", common.describe_matmul(result["matmul"])]
     ratios = {key: value for key, value in result["ratios"].items() if value is not None}
     if ratios:
         parts = []
