@@ -209,7 +209,8 @@ def _add_lora(model: ViOmniQwen, recipe: Recipe) -> None:
     try:
         from peft import LoraConfig, TaskType
     except ImportError:
-        raise RecipeError("lora: needs the peft package (pip install peft)") from None
+        raise RecipeError('lora: needs the peft package (the "lora" extra, e.g. pip install -e ".[lora]")') from None
+    _check_peft_version()
     spec = recipe.lora
     transformers_model = model.transformers_model
     layers = {name: module for name, module in transformers_model.named_modules() if not list(module.children())}
@@ -236,6 +237,23 @@ def _add_lora(model: ViOmniQwen, recipe: Recipe) -> None:
     except ValueError as error:  # e.g. a layer of a type peft cannot adapt (a norm)
         raise RecipeError(f"lora.target_modules: {' '.join(str(error).split())}") from None
     transformers_model.peft_config["default"].base_model_name_or_path = _lora_base(recipe)
+
+
+def _check_peft_version() -> None:
+    """transformers refuses peft releases older than its ``MIN_PEFT_VERSION`` (5.24 needs 0.22) with a bare
+    ValueError from deep inside ``add_adapter``; say which package is the problem before any adapter is added."""
+    from importlib.metadata import version
+
+    import transformers
+    from packaging.version import Version
+    from transformers.integrations import peft as transformers_peft
+
+    needed, installed = getattr(transformers_peft, "MIN_PEFT_VERSION", None), version("peft")
+    if needed and Version(installed) < Version(needed):
+        raise RecipeError(
+            f"lora: transformers {transformers.__version__} needs peft >= {needed}, and peft {installed} is "
+            "installed: upgrade peft, or install a transformers release that accepts it"
+        )
 
 
 def _short_name(name: str) -> str:

@@ -184,6 +184,16 @@ def test_target_modules_that_cannot_be_adapted_name_the_key(tmp_path, monkeypatc
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_a_peft_release_too_old_for_transformers_is_named_before_training(tmp_path, monkeypatch):
+    from transformers.integrations import peft as transformers_peft
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(transformers_peft, "MIN_PEFT_VERSION", "99.0")
+    with pytest.raises(RecipeError, match=r"^lora: transformers \S+ needs peft >= 99\.0, and peft \S+ is installed"):
+        run_recipe(parse_recipe(_raw_recipe("run", hub=None)))
+    assert not (tmp_path / "run" / "final").exists()
+
+
 @pytest.mark.parametrize(
     "lora, message",
     [
