@@ -15,10 +15,10 @@ reached 154-201 (m = 266-1638 rows; 162 against 90 at m = 40), and an encode pas
 The oneDNN operator (``torch.ops.mkldnn._linear_pointwise``, the one PyTorch's own compiler emits for CPU
 linear layers) has no autograd formula: called on a tensor that requires a gradient it returns a result whose
 backward silently drops that gradient. So :func:`linear` takes it only when it cannot matter: float32 CPU
-tensors, oneDNN enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it off), and no input that
-requires a gradient while gradients are recorded. Everything else (training, bfloat16, which already runs
-through oneDNN, CUDA) is ``torch.nn.functional.linear``. Outputs agree with ``sgemm``'s to float rounding
-(summation order), and nothing saved changes.
+tensors with a contiguous weight and bias, oneDNN enabled (``torch.backends.mkldnn.flags(enabled=False)``
+turns it off), and no input that requires a gradient while gradients are recorded. Everything else
+(training, bfloat16, which already runs through oneDNN, CUDA) is ``torch.nn.functional.linear``. Outputs
+agree with ``sgemm``'s to float rounding (summation order), and nothing saved changes.
 
 Example::
 
@@ -80,6 +80,10 @@ def _takes_onednn(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if weight.device.type != "cpu" or not torch.backends.mkldnn.enabled:
         return False
     if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        return False
+    # The operator reads a strided bias as if it were contiguous (wrong outputs, no error); parameters are
+    # contiguous, so a view of one (tied or sharded weights) simply takes F.linear.
+    if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
         return False
     # The operator has no backward: anything that needs a gradient goes through F.linear.
     return not (

@@ -66,9 +66,13 @@ def test_anything_that_needs_a_gradient_takes_functional_linear(onednn_calls):
     assert len(onednn_calls) == 1
 
 
-def test_other_dtypes_and_disabled_onednn_take_functional_linear(onednn_calls):
+def test_other_dtypes_strided_parameters_and_disabled_onednn_take_functional_linear(onednn_calls):
     weight, inputs = torch.randn(6, 4), torch.randn(3, 4)
     with torch.inference_mode():
+        # Views of parameters (tied or sharded weights): the operator would read a strided bias wrongly.
+        every_other_bias, transposed_weight = torch.randn(12)[::2], torch.randn(4, 6).t()
+        torch.testing.assert_close(linear(inputs, weight, every_other_bias), F.linear(inputs, weight, every_other_bias))
+        torch.testing.assert_close(linear(inputs, transposed_weight), F.linear(inputs, transposed_weight))
         linear(inputs.bfloat16(), weight.bfloat16())  # bfloat16 already runs through oneDNN in PyTorch
         linear(inputs.double(), weight.double())
         with torch.backends.mkldnn.flags(enabled=False):
