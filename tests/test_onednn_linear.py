@@ -37,6 +37,9 @@ def test_linear_equals_functional_linear_without_gradients(onednn_calls):
         "3-D (batch, sequence, features)": torch.randn(3, 5, 40),
         "non-contiguous": torch.randn(40, 9).t(),
         "every other row": torch.randn(10, 40)[::2],
+        "one row repeated (stride 0)": torch.randn(1, 40).expand(6, 40),
+        "3-D, transposed": torch.randn(3, 40, 5).transpose(1, 2),
+        "1-D": torch.randn(40),
         "no rows": torch.randn(0, 40),
     }
     with torch.inference_mode():
