@@ -75,18 +75,12 @@ def _linear_forward(self: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor
 
 
 def _takes_onednn(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if inputs.dtype != torch.float32 or weight.dtype != torch.float32 or inputs.device.type != "cpu":
+    parameters = (weight,) if bias is None else (weight, bias)
+    if not torch.backends.mkldnn.enabled or inputs.dtype != torch.float32 or inputs.device.type != "cpu":
         return False
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.enabled:
-        return False
-    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
-        return False
-    # The operator reads a strided bias as if it were contiguous (wrong outputs, no error); parameters are
-    # contiguous, so a view of one (tied or sharded weights) simply takes F.linear.
-    if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+    # Contiguous parameters only: the operator reads a strided bias as if it were contiguous (wrong outputs, no
+    # error). Parameters are contiguous, so only a view of one (tied or sharded weights) takes F.linear.
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous() for p in parameters):
         return False
     # The operator has no backward: anything that needs a gradient goes through F.linear.
-    return not (
-        torch.is_grad_enabled()
-        and (inputs.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    )
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (inputs, *parameters)))
