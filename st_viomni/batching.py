@@ -41,12 +41,16 @@ from .inputs import IMAGE_EXTENSIONS, check_inputs, is_conversation, is_image_pa
 DEFAULT_MAX_PADDING = 0.05
 """Largest fraction of padding tokens allowed in one planned batch."""
 
-CPU_ACTIVATION_BYTES = 32 * 2**20
+CPU_ACTIVATION_BYTES = 16 * 2**20
 """On CPU, a planned batch keeps its largest activations (the MLP hidden layers of the language model and of
-the vision tower) within this many bytes. glibc's malloc hands out blocks above 32 MiB (its highest ``mmap``
-threshold) as fresh pages on every allocation and returns them on free, so each such tensor page-faults all of
-its memory in again; below it, freed memory is reused. Unbounded batches of 8 large images took about 860,000
-page faults and 13% longer than with no faults (``benchmarks/NOTES.md``)."""
+the vision tower) within this many bytes, so that glibc's malloc reuses their memory instead of page-faulting
+it in afresh in every layer. glibc serves a block above its ``mmap`` threshold (which adapts up to 32 MiB, no
+further) with fresh pages, and returns the free memory at the top of its heap to the system once it exceeds
+the trim threshold (twice the ``mmap`` threshold, so at most 64 MiB). An MLP allocates four blocks of its
+hidden width (``gate``, ``act(gate)``, ``up`` and their product; three alive at once) and has freed them all
+by its end, so blocks of 16 MiB keep both limits; with 32 MiB the blocks freed after each MLP were trimmed and
+faulted in again (about 500,000 faults per bf16 pass of the encode benchmark, 6% of its time; unbounded
+batches of 8 large images: 860,000 faults and 13% longer; ``benchmarks/NOTES.md``)."""
 
 PREFETCH = True
 """Decode the next batch's images in a background thread while the current batch is encoded (False: decode
