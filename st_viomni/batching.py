@@ -49,8 +49,8 @@ further) with fresh pages, and returns the free memory at the top of its heap to
 the trim threshold (twice the ``mmap`` threshold, so at most 64 MiB). An MLP allocates four blocks of its
 hidden width (``gate``, ``act(gate)``, ``up`` and their product; three alive at once) and has freed them all
 by its end, so blocks of 16 MiB keep both limits; with 32 MiB the blocks freed after each MLP were trimmed and
-faulted in again (about 500,000 faults per bf16 pass of the encode benchmark, 6% of its time; unbounded
-batches of 8 large images: 860,000 faults and 13% longer; ``benchmarks/NOTES.md``)."""
+faulted in again (about 500,000 faults per bf16 pass over the encode benchmark's corpus, 6% of its time;
+unbounded batches of 8 large images: 860,000 faults and 13% longer; ``benchmarks/NOTES.md``)."""
 
 PREFETCH = True
 """Decode the next batch's images in a background thread while the current batch is encoded (False: decode

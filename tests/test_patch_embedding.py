@@ -1,7 +1,11 @@
 """Qwen2-VL's patch embedding as a matrix product (st_viomni.patch_embedding): the convolution's outputs and
 gradients, on every model st-viomni builds or loads, with nothing saved changed."""
 
+import copy
+import pickle
+
 import torch
+from PIL import Image
 from sentence_transformers import SentenceTransformer
 from transformers import Qwen2VLModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
@@ -56,3 +60,19 @@ def test_only_patchwise_convolutions_are_switched():
     padded.proj = torch.nn.Conv3d(3, 8, kernel_size=(2, 14, 14), stride=(2, 14, 14), padding=1, bias=False)
     assert use_matmul_patch_embedding(torch.nn.ModuleList([overlapping, padded])) == 0
     assert "forward" not in vars(overlapping) and "forward" not in vars(padded)
+
+
+def test_copies_of_a_viomni_model_keep_the_patch_embedding_on_their_own_layer(tiny_base, tmp_path):
+    # Multi-process encode pools pickle the model; trainers and users deepcopy it. Each copy's switched patch
+    # embedding must run on that copy's weights, not fail to load or point at the original.
+    build_model(tiny_base, embedding_dim=32).save(str(tmp_path))
+    model = ViOmniQwen(str(tmp_path))
+    image = Image.new("RGB", (56, 84), (200, 40, 90))
+    texts = ["<text_pair> một câu ngắn", {"image": image, "text": "<ocr> chữ trên ảnh"}]
+    expected = torch.as_tensor(model.encode(texts))
+    for copy_of in (lambda m: pickle.loads(pickle.dumps(m)), copy.deepcopy):
+        duplicate = copy_of(model)
+        switched = [m for m in duplicate.modules() if "forward" in vars(m)]
+        assert len(switched) == 1 and isinstance(switched[0], PatchEmbed)
+        assert all(m.forward.args[0] is m for m in switched)
+        torch.testing.assert_close(torch.as_tensor(duplicate.encode(texts)), expected)
