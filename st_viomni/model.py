@@ -8,8 +8,10 @@ and encodes identically.
 
 :class:`ViOmniQwen` is that same ``SentenceTransformer`` plus input checks at preprocessing time (errors that
 name the offending input, images normalised to RGB once), cost-planned encode batches
-(:mod:`st_viomni.batching`) and Qwen2-VL's patch embedding run as a matrix product
-(:mod:`st_viomni.patch_embedding`). It writes exactly the files a plain ``SentenceTransformer`` writes.
+(:mod:`st_viomni.batching`), Qwen2-VL's patch embedding run as a matrix product
+(:mod:`st_viomni.patch_embedding`) and float32 linear layers run through oneDNN on CPU, on a bounded set of
+shapes, when no gradient is needed (:mod:`st_viomni.onednn_linear`). It writes exactly the files a plain
+``SentenceTransformer`` writes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .batching import DEFAULT_MAX_PADDING, Unsupported, encode_planned
 from .formatting import CHAT_TEMPLATE
 from .inputs import check_inputs, describe_input, is_conversation
 from .model_card import ViOmniModelCardData
+from .onednn_linear import use_onednn_linear
 from .patch_embedding import use_matmul_patch_embedding
 from .tasks import PREFIXES
 
@@ -53,6 +56,7 @@ class ViOmniQwen(SentenceTransformer):
     def __init__(self, *args, model_card_data: ViOmniModelCardData | None = None, **kwargs) -> None:
         super().__init__(*args, model_card_data=model_card_data or ViOmniModelCardData(), **kwargs)
         use_matmul_patch_embedding(self)
+        use_onednn_linear(self)
 
     def _update_default_model_id(self, model_card: str) -> str:
         # The card's usage snippet loads the model with plain SentenceTransformer(...), not with this class.
@@ -77,7 +81,8 @@ class ViOmniQwen(SentenceTransformer):
         ``max_batch_tokens`` padded tokens (None: on CPU, as many as keep a batch's MLP activations within 16
         MiB, with image patches bounded alike; on an accelerator, no bound); each batch is encoded by stock
         sentence-transformers while the next one's images are decoded, and the embeddings come back in input
-        order. Qwen2-VL's patch embedding runs as a matrix product (:mod:`st_viomni.patch_embedding`). See
+        order. Qwen2-VL's patch embedding runs as a matrix product (:mod:`st_viomni.patch_embedding`) and, in
+        float32 on CPU, linear layers through oneDNN (:mod:`st_viomni.onednn_linear`). See
         :mod:`st_viomni.batching`. ``max_padding=None`` batches as stock sentence-transformers does. Options
         the planner does not handle (``output_value`` other than sentence embeddings, multi-process ``pool`` or
         device lists, extra keyword arguments other than ``encode_query``/``encode_document``'s ``task``) and

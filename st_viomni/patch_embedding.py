@@ -14,7 +14,8 @@ PyTorch's CPU convolution runs this shape far below matrix-product speed: on the
 fp32 (3.8x; 3.6x in bf16), and the convolution was 5% of an image-heavy encode pass. Nothing saved changes
 (the parameter is still ``proj.weight`` of the ``Conv3d``), so a model saved by st-viomni loads and encodes
 with plain ``SentenceTransformer(path)``, which runs the convolution (embeddings agree to float rounding).
-Gradients flow to the same parameter, so training uses it too.
+Gradients flow to the same parameter, so training uses it too. Without gradients, float32 CPU patches go
+through oneDNN like the model's linear layers (:mod:`st_viomni.onednn_linear`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import functools
 from typing import Any
 
 import torch
+
+from .onednn_linear import linear
 
 
 def use_matmul_patch_embedding(model: torch.nn.Module) -> int:
@@ -58,4 +61,4 @@ def _matmul_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     weight = self.proj.weight
     flat_weight = weight.view(weight.shape[0], -1)
     patches = hidden_states.to(dtype=weight.dtype).reshape(-1, flat_weight.shape[1])
-    return torch.nn.functional.linear(patches, flat_weight, self.proj.bias)
+    return linear(patches, flat_weight, self.proj.bias)
