@@ -9,7 +9,7 @@ AVX-512): on the shapes of Qwen2-VL-2B's layers,
 
     y = x W^\top + b, \qquad x \in \mathbb{R}^{m \times k},\; W \in \mathbb{R}^{n \times k},
 
-it reached 185-214 GFLOP/s where ``sgemm`` reached 107-194 (m = 100-1600 rows, 2 threads).
+it reached 181-214 GFLOP/s where ``sgemm`` reached 107-194 (m = 100-1600 rows, 2 threads).
 
 **Why the shapes are bounded.** oneDNN keeps memory for every new problem shape it sees (generated code and
 cached primitives with their buffers): about 0.7 MiB per new row count ``m`` for a fixed weight, with no
