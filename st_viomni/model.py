@@ -9,8 +9,8 @@ and encodes identically.
 :class:`ViOmniQwen` is that same ``SentenceTransformer`` plus input checks at preprocessing time (errors that
 name the offending input, images normalised to RGB once), cost-planned encode batches
 (:mod:`st_viomni.batching`), Qwen2-VL's patch embedding run as a matrix product
-(:mod:`st_viomni.patch_embedding`) and float32 linear layers run through oneDNN on CPU, on a bounded set of
-shapes, when no gradient is needed (:mod:`st_viomni.onednn_linear`). It writes exactly the files a plain
+(:mod:`st_viomni.patch_embedding`) and float32 and bfloat16 linear layers run through oneDNN on CPU, on a
+bounded set of shapes, in inference (:mod:`st_viomni.onednn_linear`). It writes exactly the files a plain
 ``SentenceTransformer`` writes.
 """
 
@@ -82,7 +82,8 @@ class ViOmniQwen(SentenceTransformer):
         MiB, with image patches bounded alike; on an accelerator, no bound); each batch is encoded by stock
         sentence-transformers while the next one's images are decoded, and the embeddings come back in input
         order. Qwen2-VL's patch embedding runs as a matrix product (:mod:`st_viomni.patch_embedding`) and, in
-        float32 on CPU, linear layers through oneDNN (:mod:`st_viomni.onednn_linear`). See
+        float32 and bfloat16 on CPU, linear layers through oneDNN on a bounded set of shapes
+        (:mod:`st_viomni.onednn_linear`). See
         :mod:`st_viomni.batching`. ``max_padding=None`` batches as stock sentence-transformers does. Options
         the planner does not handle (``output_value`` other than sentence embeddings, multi-process ``pool`` or
         device lists, extra keyword arguments other than ``encode_query``/``encode_document``'s ``task``) and

@@ -1,4 +1,4 @@
-r"""Float32 linear layers through oneDNN on CPU, on a bounded set of product shapes.
+r"""Float32 and bfloat16 linear layers through oneDNN on CPU, on a bounded set of product shapes.
 
 PyTorch runs a float32 ``nn.Linear`` on CPU as a BLAS ``sgemm`` (MKL in the PyPI wheels) and a bfloat16 one
 through oneDNN. For float32, oneDNN's own kernel (``torch.ops.mkldnn._linear_pointwise``, the operator
@@ -13,8 +13,9 @@ it reached 181-214 GFLOP/s where ``sgemm`` reached 107-194 (m = 100-1600 rows, 2
 
 **Why the shapes are bounded.** oneDNN keeps memory for every new problem shape it sees (generated code and
 cached primitives with their buffers): about 0.7 MiB per new row count ``m`` for a fixed weight, with no
-plateau in practice (1 GB after 300 encode calls of random lengths on ``proxy-2b``; ``benchmarks/NOTES.md``,
-fifth round). Encode batches have a new number of tokens almost every call, so the operator is never called
+plateau in practice (1 GB after 300 encode calls of random lengths on ``proxy-2b``, in float32 through this
+operator and in bfloat16 through PyTorch's default path alike; ``benchmarks/NOTES.md``, fifth and sixth
+rounds). Encode batches have a new number of tokens almost every call, so the operator is never called
 with the caller's ``m``: :func:`linear` splits the rows into chunks of :data:`CHUNK_ROWS` and pads the last
 chunk with zero rows up to a multiple of :data:`ROW_GRANULE`, so oneDNN only ever sees :data:`ROW_BUCKETS` row
 counts per weight shape (with or without bias), however long the process runs. What oneDNN keeps depends on
@@ -22,13 +23,20 @@ the shapes, not on the weights, so a deeper model of the same widths keeps no mo
 are sliced off the result: each output row is computed from its own input row only, so they never change a
 real row.
 
-The operator has no autograd formula: called on a tensor that requires a gradient it returns a result whose
-backward silently drops that gradient. So :func:`linear` takes it only when it cannot matter: float32 CPU
-tensors with a contiguous input, weight and bias, oneDNN enabled (``torch.backends.mkldnn.flags(enabled=False)``
-turns it off), at least :data:`MIN_ROWS` rows, and no tensor that requires a gradient while gradients are
-recorded. Everything else (training, bfloat16, which PyTorch already runs through oneDNN, CUDA) is
-``torch.nn.functional.linear``. Outputs agree with ``sgemm``'s to float rounding (summation order), and nothing
-saved changes.
+bfloat16 takes the same bounded path: PyTorch already runs it through oneDNN, at the caller's row count, so
+a bfloat16 CPU process would otherwise grow without bound in the same way; through the operator its outputs
+are bitwise those of ``torch.nn.functional.linear``, at the same speed.
+
+**Inference only.** :func:`linear` takes the operator only under ``torch.inference_mode()``, which
+``SentenceTransformer.encode`` (and so every evaluator) runs in, for CPU tensors of one dtype, float32 or
+bfloat16 (where the CPU runs bfloat16 in oneDNN), with a contiguous input, weight and bias, oneDNN enabled
+(``torch.backends.mkldnn.flags(enabled=False)`` turns it off) and at least :data:`MIN_ROWS` rows. Everything
+else is ``torch.nn.functional.linear``, as in stock PyTorch: CUDA, other dtypes, and all of training,
+``torch.no_grad()`` passes included. The operator has no autograd formula (on a tensor that requires a gradient
+its result's backward silently drops that gradient), and keeping training on PyTorch's kernels means that
+GradCache's gradient-free first pass and its recomputation with gradients compute the same embeddings, and
+that a training process keeps no generated oneDNN code beyond what its evaluators' ``encode`` calls bring.
+Float32 outputs agree with ``sgemm``'s to float rounding (summation order), and nothing saved changes.
 
 Example::
 
@@ -76,7 +84,7 @@ def onednn_available() -> bool:
 
 def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.nn.functional.linear``, through oneDNN on :data:`ROW_BUCKETS` row counts per weight shape for
-    float32 CPU tensors when no gradient is needed."""
+    float32 and bfloat16 CPU tensors under ``torch.inference_mode()``."""
     if not _takes_onednn(inputs, weight, bias):
         return F.linear(inputs, weight, bias)
     rows = inputs.numel() // inputs.shape[-1] if inputs.shape[-1] else 0
@@ -93,7 +101,7 @@ def use_onednn_linear(model: torch.nn.Module) -> int:
     """Make every plain ``nn.Linear`` inside ``model`` call :func:`linear`; return how many were switched.
 
     Subclasses of ``nn.Linear`` (quantized or adapter layers) keep their own ``forward``; a LoRA layer's plain
-    base layer is switched, and still takes ``F.linear`` whenever its input needs a gradient. Switches nothing
+    base layer is switched, and takes ``F.linear`` in training like every switched layer. Switches nothing
     when oneDNN is not available. Idempotent.
     """
     if not onednn_available():
@@ -124,15 +132,27 @@ def _bucketed_product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 def _takes_onednn(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    # Inference mode records no graph, so the operator's missing backward cannot drop a gradient; training
+    # (the torch.no_grad() passes of GradCache included) keeps PyTorch's kernels.
+    if not torch.is_inference_mode_enabled():
+        return False
     parameters = (weight,) if bias is None else (weight, bias)
-    if not torch.backends.mkldnn.enabled or inputs.dtype != torch.float32 or inputs.device.type != "cpu":
+    if not torch.backends.mkldnn.enabled or inputs.device.type != "cpu" or not _onednn_dtype(inputs.dtype):
         return False
     # Contiguous tensors only: the operator reads a strided bias as if it were contiguous (wrong outputs, no
     # error), and a strided input would need a copy before the padding copy. Parameters are contiguous, so only
     # a view of one (tied or sharded weights) takes F.linear.
     if not inputs.is_contiguous():
         return False
-    if any(p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous() for p in parameters):
-        return False
-    # The operator has no backward: anything that needs a gradient goes through F.linear.
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (inputs, *parameters)))
+    return all(p.dtype == inputs.dtype and p.device.type == "cpu" and p.is_contiguous() for p in parameters)
+
+
+def _onednn_dtype(dtype: torch.dtype) -> bool:
+    # bfloat16 only where PyTorch itself would run it through oneDNN (CPUs with AVX-512 or AMX): elsewhere its
+    # default path is not oneDNN, and so does not grow per shape.
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _bfloat16_supported())
+
+
+@functools.cache
+def _bfloat16_supported() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

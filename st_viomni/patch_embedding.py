@@ -14,8 +14,8 @@ PyTorch's CPU convolution runs this shape far below matrix-product speed: on the
 fp32 (3.8x; 3.6x in bf16), and the convolution was 5% of an image-heavy encode pass. Nothing saved changes
 (the parameter is still ``proj.weight`` of the ``Conv3d``), so a model saved by st-viomni loads and encodes
 with plain ``SentenceTransformer(path)``, which runs the convolution (embeddings agree to float rounding).
-Gradients flow to the same parameter, so training uses it too. Without gradients, float32 CPU patches go
-through oneDNN like the model's linear layers (:mod:`st_viomni.onednn_linear`).
+Gradients flow to the same parameter, so training uses it too. In inference, float32 and bfloat16 CPU patches
+go through oneDNN like the model's linear layers (:mod:`st_viomni.onednn_linear`).
 """
 
 from __future__ import annotations

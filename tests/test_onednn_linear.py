@@ -1,7 +1,7 @@
-"""Float32 CPU linear layers through oneDNN on a bounded set of shapes (st_viomni.onednn_linear): the same
-outputs as torch.nn.functional.linear, at most ROW_BUCKETS row counts per weight shape ever reach the operator
-(oneDNN keeps memory for every shape it sees), and never a path that needs a gradient, since the operator has
-no backward."""
+"""Float32 and bfloat16 CPU linear layers through oneDNN on a bounded set of shapes (st_viomni.onednn_linear):
+the same outputs as torch.nn.functional.linear, at most ROW_BUCKETS row counts per weight shape ever reach the
+operator (oneDNN keeps memory for every shape it sees), and only under torch.inference_mode (encode): training,
+no_grad passes included, keeps PyTorch's kernels."""
 
 import copy
 import pickle
@@ -70,18 +70,43 @@ def test_padding_rows_never_change_real_rows(onednn_calls):
     _assert_matches_functional_linear(alone, inputs, weight, bias, "in pieces")
 
 
-def test_3d_inputs_and_no_gradient_contexts(onednn_calls):
+@pytest.mark.skipif(not onednn_linear._bfloat16_supported(), reason="this CPU does not run bfloat16 in oneDNN")
+def test_bfloat16_is_bucketed_too_with_the_outputs_of_functional_linear(onednn_calls):
+    # PyTorch runs bfloat16 products through oneDNN at the caller's row count (a new shape, and new generated
+    # code, for every new row count); bucketed, oneDNN sees the same bounded row counts as in float32, and the
+    # outputs are bitwise F.linear's.
+    torch.manual_seed(0)
+    weight, bias = torch.randn(24, 40).bfloat16(), torch.randn(24).bfloat16()
+    row_counts = [MIN_ROWS, G - 1, G + 1, C - 1, C + 1, 2 * C + 7]
+    with torch.inference_mode():
+        for rows in row_counts:
+            inputs = torch.randn(1, rows, 40).bfloat16()
+            for b in (bias, None):
+                output = linear(inputs, weight, b)
+                assert output.dtype == torch.bfloat16
+                torch.testing.assert_close(output, F.linear(inputs, weight, b), rtol=0, atol=0, msg=f"{rows} rows")
+    assert {rows for (rows, _), _, _ in onednn_calls} <= set(range(G, C + 1, G))
+    assert len(onednn_calls) == 2 * sum(-(-rows // C) for rows in row_counts)
+
+
+def test_bfloat16_takes_functional_linear_where_the_cpu_does_not_run_it_in_onednn(onednn_calls, monkeypatch):
+    monkeypatch.setattr(onednn_linear, "_bfloat16_supported", lambda: False)
+    inputs, weight = torch.randn(3 * G, 40).bfloat16(), torch.randn(6, 40).bfloat16()
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(inputs, weight), F.linear(inputs, weight), rtol=0, atol=0)
+        linear(inputs.float(), weight.float())
+    assert [weight_shape for _, weight_shape, _ in onednn_calls] == [(6, 40)]  # the float32 call only
+
+
+def test_3d_inputs(onednn_calls):
     torch.manual_seed(0)
     weight, bias = torch.randn(24, 40), torch.randn(24)
     with torch.inference_mode():
         for shape in ((3, 5, 40), (2, C + 3, 40), (4, 1, 40), (1, 1, 40)):
             inputs = torch.randn(shape)
             _assert_matches_functional_linear(linear(inputs, weight, bias), inputs, weight, bias, str(shape))
-    with torch.no_grad():
-        inputs = torch.randn(7, 9, 40)
-        _assert_matches_functional_linear(linear(inputs, weight, None), inputs, weight, None, "no_grad")
     # (1, 1, 40) has one row: sgemm; every other call went through the operator.
-    assert len(onednn_calls) == 1 + 3 + 1 + 1
+    assert len(onednn_calls) == 1 + 3 + 1
 
 
 def test_distinct_shapes_reaching_onednn_are_bounded(onednn_calls):
@@ -117,14 +142,18 @@ def test_what_takes_functional_linear(onednn_calls):
         }
         for name, (x, w, b) in cases.items():
             _assert_matches_functional_linear(linear(x, w, b), x, w, b, name)
-        linear(inputs.bfloat16(), weight.bfloat16())  # bfloat16 already runs through oneDNN in PyTorch
-        linear(inputs.double(), weight.double())
+        for dtype in (torch.float16, torch.float64):
+            x, w = inputs.to(dtype), weight.to(dtype)
+            torch.testing.assert_close(linear(x, w), F.linear(x, w), msg=str(dtype))
+        # Mixed dtypes take F.linear, which refuses them as it always does.
+        with pytest.raises(RuntimeError):
+            linear(inputs.bfloat16(), weight)
         with torch.backends.mkldnn.flags(enabled=False):
             _assert_matches_functional_linear(linear(inputs, weight, None), inputs, weight, None, "disabled")
     assert onednn_calls == []
 
 
-def test_anything_that_needs_a_gradient_takes_functional_linear(onednn_calls):
+def test_training_takes_functional_linear_no_grad_passes_included(onednn_calls):
     torch.manual_seed(0)
     weight = torch.randn(6, 4, requires_grad=True)
     inputs = torch.randn(3 * G + 1, 4, requires_grad=True)
@@ -137,9 +166,19 @@ def test_anything_that_needs_a_gradient_takes_functional_linear(onednn_calls):
         expected = F.linear(tensors["inputs"], tensors["weight"], tensors["bias"])
         (expected_grad,) = torch.autograd.grad(expected.square().sum(), tensors[needs_grad])
         torch.testing.assert_close(grad, expected_grad, msg=needs_grad)
+    # Nothing requires a gradient, and GradCache's gradient-free first pass: PyTorch's kernels too, bitwise, so
+    # that the first pass and its recomputation with gradients compute the same embeddings.
+    frozen = (inputs.detach(), weight.detach(), bias.detach())
+    torch.testing.assert_close(linear(*frozen), F.linear(*frozen), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(inputs, weight, bias), F.linear(inputs, weight, bias), rtol=0, atol=0)
+        with torch.inference_mode(False):
+            linear(inputs, weight, bias)
     assert onednn_calls == []
-    # Gradients recorded but nothing requires one (a frozen layer on frozen inputs): oneDNN is safe and used.
-    linear(inputs.detach(), weight.detach(), bias.detach())
+    with torch.inference_mode():
+        linear(inputs, weight, bias)
+        with torch.inference_mode(False):  # switched off inside: PyTorch's kernel again
+            linear(inputs, weight, bias)
     assert len(onednn_calls) == 1
 
 
@@ -185,7 +224,7 @@ def test_viomni_models_encode_through_onednn_and_train_with_stock_gradients(tiny
     torch.testing.assert_close(switched_on, switched_off, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(switched_on, torch.as_tensor(plain.encode(inputs)), rtol=1e-5, atol=1e-5)
 
-    # Training: gradients through the model equal the plain model's, and never touch the oneDNN operator.
+    # Training: gradients through the model equal the plain model's; neither they nor a no_grad pass touch oneDNN.
     onednn_calls.clear()
     model.train(), plain.train()
     gradients = []
@@ -194,6 +233,8 @@ def test_viomni_models_encode_through_onednn_and_train_with_stock_gradients(tiny
         features = m.preprocess(TEXTS)
         m(features)["sentence_embedding"][:, 0].sum().backward()
         gradients.append({name: p.grad for name, p in m.named_parameters() if p.grad is not None})
+    with torch.no_grad():  # the gradient-free first pass of the cached losses
+        model(model.preprocess(TEXTS))
     assert onednn_calls == []
     assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) > 0
     for name, grad in gradients[0].items():
@@ -211,3 +252,17 @@ def test_copies_of_a_viomni_model_keep_their_linear_layers_on_their_own_weights(
         switched = [m for m in duplicate.modules() if type(m) is torch.nn.Linear]
         assert switched and all("forward" in vars(m) and m.forward.args[0] is m for m in switched)
         torch.testing.assert_close(torch.as_tensor(duplicate.encode(TEXTS)), expected)
+
+
+@pytest.mark.skipif(not onednn_linear._bfloat16_supported(), reason="this CPU does not run bfloat16 in oneDNN")
+def test_bfloat16_viomni_models_encode_through_onednn_bitwise_like_plain_sentence_transformers(
+    tiny_base, tmp_path, onednn_calls
+):
+    build_model(tiny_base, embedding_dim=32).save(str(tmp_path))
+    kwargs = {"model_kwargs": {"dtype": torch.bfloat16}}
+    model, plain = ViOmniQwen(str(tmp_path), **kwargs), SentenceTransformer(str(tmp_path), **kwargs)
+    for text in TEXTS:  # one at a time: the same tokens in both (batched, stock pads and st-viomni does not)
+        onednn_calls.clear()
+        embedding = model.encode(text, convert_to_tensor=True)
+        assert onednn_calls and {rows for (rows, *_), _, _ in onednn_calls} <= set(range(G, C + 1, G))
+        torch.testing.assert_close(embedding, plain.encode(text, convert_to_tensor=True), rtol=0, atol=0, msg=text)
