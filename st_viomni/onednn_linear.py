@@ -87,8 +87,8 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     float32 and bfloat16 CPU tensors under ``torch.inference_mode()``."""
     if not _takes_onednn(inputs, weight, bias):
         return F.linear(inputs, weight, bias)
-    rows = inputs.numel() // inputs.shape[-1] if inputs.shape[-1] else 0
-    if inputs.dim() < 2 or rows < MIN_ROWS:
+    rows = inputs.numel() // max(inputs.shape[-1], 1)  # a 1-D input is one row
+    if rows < MIN_ROWS:
         return F.linear(inputs, weight, bias)
     flat = inputs.view(rows, inputs.shape[-1])  # contiguous: a view, no copy
     chunks = [flat[start : start + CHUNK_ROWS] for start in range(0, rows, CHUNK_ROWS)]
@@ -136,7 +136,6 @@ def _takes_onednn(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     # (the torch.no_grad() passes of GradCache included) keeps PyTorch's kernels.
     if not torch.is_inference_mode_enabled():
         return False
-    parameters = (weight,) if bias is None else (weight, bias)
     if not torch.backends.mkldnn.enabled or inputs.device.type != "cpu" or not _onednn_dtype(inputs.dtype):
         return False
     # Contiguous tensors only: the operator reads a strided bias as if it were contiguous (wrong outputs, no
@@ -144,6 +143,7 @@ def _takes_onednn(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     # a view of one (tied or sharded weights) takes F.linear.
     if not inputs.is_contiguous():
         return False
+    parameters = (weight,) if bias is None else (weight, bias)
     return all(p.dtype == inputs.dtype and p.device.type == "cpu" and p.is_contiguous() for p in parameters)
 
 
