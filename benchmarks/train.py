@@ -19,6 +19,7 @@ repeat. See ``benchmarks/README.md`` for how each number is measured.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import os
@@ -152,6 +153,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="matmul reference size (default 2048 CPU, 8192 CUDA)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own choice, one per core)")
+    parser.add_argument("--tensor-peak", action="store_true",
+                        help="CPU: after all timed steps, one more step per loss and batch size under PyTorch's profiler, "
+                        "for the peak growth of live tensor bytes (without the allocator's retention; slow)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="result file stem (default train-<device>-<dtype>)")
     parser.add_argument("--results-dir", type=Path, default=common.DEFAULT_RESULTS_DIR)
@@ -171,6 +175,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--run expects PRESET:B1,B2,... with PRESET tiny, proxy-2b or full-2b; got {spec!r}")
         runs.append((preset, sorted({int(size) for size in sizes.split(",")})))
     args.runs = runs
+    if args.tensor_peak and cuda:
+        parser.error("--tensor-peak is for CPU; on CUDA the peak memory already counts tensors only")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.attention = args.attention or common.best_attention(args.device)
     args.matmul_size = args.matmul_size or (8192 if cuda else 2048)
@@ -302,6 +308,16 @@ def run_preset(preset: str, batch_sizes: list[int], rows: list[dict[str, Any]], 
             }
             per_loss[name]["_seconds"] = run["seconds"]
         results[str(batch_size)] = per_loss
+    if args.tensor_peak:
+        # After every timed step: a profiled step leaves the C heap fragmented, which inflates the RSS growth of
+        # the steps that follow it.
+        for batch_size in batch_sizes:
+            for name, entry in results[str(batch_size)].items():
+                if "step_seconds" in entry:
+                    step = functools.partial(
+                        train_step, model, losses[name], collators[name], rows[:batch_size], args.device
+                    )
+                    entry["peak_tensor_growth_mib"] = round(common.peak_tensor_growth_bytes(step) / 2**20, 2)
     counter.handle.remove()
     del losses, model, collators, stock_collator
     gc.collect()
@@ -364,6 +380,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ratios[f"{preset}/cached_prefix_routed_peak_memory_{high}_vs_{low}"] = (
                 round(memory[high] / memory[low], 3) if memory[low] else None
             )
+            tensors = {size: sizes[str(size)]["cached-prefix-routed"].get("peak_tensor_growth_mib")
+                       for size in (low, high)}
+            if tensors[low]:
+                ratios[f"{preset}/cached_prefix_routed_peak_tensors_{high}_vs_{low}"] = round(
+                    tensors[high] / tensors[low], 3
+                )
         for per_loss in sizes.values():
             for entry in per_loss.values():
                 entry.pop("_seconds", None)
@@ -386,6 +408,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "repeats": args.repeats,
             "memory_budget_gib": args.memory_budget_gib,
             "threads": args.threads,
+            "tensor_peak": args.tensor_peak,
             "seed": args.seed,
             "step": "collate (model.preprocess) + loss forward + backward; no optimizer update",
             "data": "first B rows of build_training_dataset(mini_mixture(ceil(max(256, max B) / 5), 'train', seed))",
@@ -425,17 +448,22 @@ def markdown_table(result: dict[str, Any]) -> str:
         "| preset | batch | loss | step s | samples/s | peak memory growth | padding | loss value |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    tensors = config.get("tensor_peak", False)
+    if tensors:  # one more column: the profiler's peak of live tensors
+        lines[-2] = lines[-2].replace("peak memory growth |", "peak memory growth | peak tensor growth |")
+        lines[-1] += "---|"
     for preset, preset_result in result["presets"].items():
         for size, per_loss in preset_result["batch_sizes"].items():
             for name, entry in per_loss.items():
                 if "skipped" in entry:
-                    lines.append(f"| {preset} | {size} | {name} | {entry['skipped']} | | | | |")
+                    lines.append(f"| {preset} | {size} | {name} | {entry['skipped']} | | | | |" + " |" * tensors)
                     continue
                 step = entry["step_seconds"]
+                tensor_cell = f" {entry['peak_tensor_growth_mib']:.2f} MiB |" if tensors else ""
                 lines.append(
                     f"| {preset} | {size} | {name} | {step['median']:.3g} ({step['min']:.3g}-{step['max']:.3g}) "
                     f"| {entry['samples_per_s']['median']:.3g} | {entry['peak_memory']['peak_growth_mib']:.0f} MiB "
-                    f"| {entry['padding_fraction']:.1%} | {entry['loss_value']:.4f} |"
+                    f"|{tensor_cell} {entry['padding_fraction']:.1%} | {entry['loss_value']:.4f} |"
                 )
     if result["ratios"]:
         parts = [f"{key} {value['median']:.3g} ({value['min']:.3g}-{value['max']:.3g})" if isinstance(value, dict)

@@ -17,7 +17,7 @@ from st_viomni.deferred_pixels import has_deferred_pixels, image_processor_of, w
 
 from .labels import decode_labels
 from .prefix_routed import PrefixRoutedLoss, _forward_is_patched
-from .token_budget import order_rows_by_length, padded_token_ranges
+from .token_budget import ROW_ORDER, padded_token_ranges, rows_by_length, select_rows
 
 
 class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
@@ -69,7 +69,7 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
             mini_batch_size: Rows per embedding mini-batch in steps (1) and (3), and rows per chunk of the loss in
                 step (2). The larger, the faster and the more memory.
             mini_batch_num_tokens: Cut embedding mini-batches by tokens instead of rows: the rows of each column are
-                ordered longest first and each mini-batch holds as many as keep ``rows x longest row`` (text and
+                taken longest first and each mini-batch gathers as many as keep ``rows x longest row`` (text and
                 visual tokens, padding included: what the language model computes) within this budget, and at
                 most ``mini_batch_size`` rows (see :mod:`st_viomni.losses.token_budget`). None: mini-batches of
                 ``mini_batch_size`` rows in batch order.
@@ -187,9 +187,13 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
         self.loss.validate_rows(tasks, scores)  # before paying for the forward passes
         self._task_components = None
         if self.mini_batch_num_tokens is not None:
-            # Rows of similar length share a mini-batch, so that padding does not defeat the token budget;
-            # calculate_loss puts the embeddings back in batch order.
-            sentence_features, self._row_orders = map(list, zip(*map(order_rows_by_length, sentence_features)))
+            # Rows of similar length share a mini-batch, so that padding does not defeat the token budget: each
+            # column carries its length order, each mini-batch gathers its rows (the column is not reordered
+            # as a whole), and calculate_loss puts the embeddings back in batch order.
+            self._row_orders = [rows_by_length(feature) for feature in sentence_features]
+            sentence_features = [
+                {**feature, ROW_ORDER: order} for feature, order in zip(sentence_features, self._row_orders)
+            ]
         try:
             loss = self.forward_cached(sentence_features, labels)
         finally:
@@ -212,11 +216,11 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
         random_states: list[Any] | None = None,
         ranges: list[tuple[int, int]] | None = None,
     ):
-        if self.mini_batch_num_tokens is not None:
-            # Budget the padded tokens of rows ordered by length (both passes cut the same, deterministic ranges).
-            ranges = padded_token_ranges(
-                sentence_feature["attention_mask"], self.mini_batch_num_tokens, self.mini_batch_size
-            )
+        order = sentence_feature.get(ROW_ORDER)
+        if order is not None:
+            # Budget the padded tokens of rows taken by length (both passes cut the same, deterministic ranges).
+            lengths = sentence_feature["attention_mask"].sum(dim=1)[order]
+            ranges = padded_token_ranges(lengths.tolist(), self.mini_batch_num_tokens, self.mini_batch_size)
         return super().embed_minibatch_iter(sentence_feature, with_grad, copy_random_state, random_states, ranges)
 
     def embed_minibatch(
@@ -228,6 +232,10 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
         copy_random_state: bool,
         random_state: Any = None,
     ) -> tuple[Tensor, Any]:
+        order = sentence_feature.get(ROW_ORDER)
+        if order is not None:  # positions begin:end of the length order
+            sentence_feature = select_rows(sentence_feature, order[begin:end])
+            begin, end = 0, end - begin
         # Pixels deferred by DeferredPixelCollator are computed for this mini-batch only, in both passes.
         if has_deferred_pixels(sentence_feature):
             sentence_feature = with_pixels(sentence_feature, image_processor_of(self.model), begin, end)

@@ -105,3 +105,29 @@ def test_train_benchmark_at_toy_size(bench_dirs):
     assert result["cached_matches_plain"]["ok"], result["cached_matches_plain"]
     assert "tiny/cached_prefix_routed_peak_memory_16_vs_8" in result["ratios"]
     assert "tiny/16/cached_prefix_routed_vs_cached_mnrl_step_time" in result["ratios"]
+
+
+def test_peak_tensor_growth_counts_the_tensors_alive_at_the_peak():
+    import torch
+
+    from benchmarks import common
+
+    def two_buffers_then_one():
+        first = torch.ones(1_000_000)  # 4,000,000 bytes
+        second = torch.ones(500_000)  # 2,000,000 bytes, alive together with the first
+        del first, second
+        return torch.ones(250_000).sum()
+
+    peak = common.peak_tensor_growth_bytes(two_buffers_then_one)
+    assert 6_000_000 <= peak < 6_100_000, peak
+
+
+def test_train_benchmark_reports_the_peak_of_live_tensors(bench_dirs):
+    result = train.run(["--run", "tiny:4,8", "--losses", "cached-prefix-routed", "--tensor-peak", "--no-plot",
+                        *TOY, *bench_dirs])
+    for per_loss in result["presets"]["tiny"]["batch_sizes"].values():
+        assert per_loss["cached-prefix-routed"]["peak_tensor_growth_mib"] > 0
+    assert result["ratios"]["tiny/cached_prefix_routed_peak_tensors_8_vs_4"] > 0
+    assert "| peak tensor growth |" in train.markdown_table(result)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device", "cuda", "--tensor-peak"])

@@ -12,6 +12,7 @@ from sentence_transformers.sentence_transformer.data_collator import SentenceTra
 from st_viomni import DeferredPixelCollator, format_input
 from st_viomni.deferred_pixels import IMAGES, image_grid, with_pixels
 from st_viomni.losses import CachedPrefixRoutedLoss, PrefixRoutedLoss, make_label
+from st_viomni.losses.token_budget import ROW_ORDER, padded_token_ranges, rows_by_length, select_rows
 
 from test_loss_cached import RELATIVE_TOLERANCE, mixed_rows
 
@@ -91,7 +92,7 @@ def test_the_grid_from_the_size_is_the_image_processors(tiny_model, size):
     "options", [{"mini_batch_size": 2}, {"mini_batch_size": 8, "mini_batch_num_tokens": 40}], ids=["rows", "tokens"]
 )
 def test_the_cached_loss_on_deferred_pixels_equals_the_plain_loss_on_stock_batches(tiny_model, monkeypatch, options):
-    # With a token budget the rows are also reordered by length (and the embeddings put back in batch order).
+    # With a token budget the rows are also taken by length (and the embeddings put back in batch order).
     tiny_model.train()
     rows = mixed_rows()
     stock = SentenceTransformerDataCollator(tiny_model.preprocess)
@@ -145,7 +146,8 @@ def test_token_budget_mini_batches_bound_the_padded_tokens(tiny_model, monkeypat
 
     def spy(self, sentence_feature, begin, end, *args, **kwargs):
         reps, state = original(self, sentence_feature, begin, end, *args, **kwargs)
-        shapes.append((end - begin, int(sentence_feature["attention_mask"][begin:end].sum(dim=1).max())))
+        rows = sentence_feature[ROW_ORDER][begin:end]  # positions in the column's length order
+        shapes.append((end - begin, int(sentence_feature["attention_mask"][rows].sum(dim=1).max())))
         return reps, state
 
     monkeypatch.setattr(CachedPrefixRoutedLoss, "embed_minibatch", spy)
@@ -158,12 +160,42 @@ def test_token_budget_mini_batches_bound_the_padded_tokens(tiny_model, monkeypat
 
 
 def test_token_budget_ranges_are_contiguous_and_need_rows_ordered_by_length():
-    from st_viomni.losses.token_budget import padded_token_ranges
-
-    mask = torch.zeros(6, 10, dtype=torch.long)
-    for row, length in enumerate([10, 9, 5, 5, 4, 1]):
-        mask[row, :length] = 1
-    assert padded_token_ranges(mask, num_tokens=20, max_rows=3) == [(0, 2), (2, 5), (5, 6)]
-    assert padded_token_ranges(mask, num_tokens=5, max_rows=8) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
+    lengths = [10, 9, 5, 5, 4, 1]
+    assert padded_token_ranges(lengths, num_tokens=20, max_rows=3) == [(0, 2), (2, 5), (5, 6)]
+    assert padded_token_ranges(lengths, num_tokens=5, max_rows=8) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
     with pytest.raises(ValueError, match="longest first"):
-        padded_token_ranges(mask.flip(0), num_tokens=20, max_rows=3)
+        padded_token_ranges(lengths[::-1], num_tokens=20, max_rows=3)
+
+
+def test_rows_by_length_is_longest_first_with_ties_in_batch_order():
+    mask = torch.zeros(5, 6, dtype=torch.long)
+    for row, length in enumerate([2, 6, 2, 4, 6]):
+        mask[row, :length] = 1
+    assert rows_by_length({"attention_mask": mask}).tolist() == [1, 4, 3, 0, 2]
+
+
+@pytest.mark.parametrize("collator", [SentenceTransformerDataCollator, DeferredPixelCollator])
+def test_select_rows_gathers_the_rows_and_their_images_only(tiny_model, collator):
+    (anchor, _), _ = features(collator(tiny_model.preprocess), image_rows())
+    images_per_row = anchor["num_images_per_sample"].tolist()  # [1, 0, 2, 0, 1, 1, 0, 1]
+    first_image = [sum(images_per_row[:row]) for row in range(len(images_per_row))]
+    rows = [4, 2, 1]  # one image, two images, none: in this order
+    selected = select_rows({**anchor, ROW_ORDER: torch.arange(8)}, torch.tensor(rows))
+
+    assert ROW_ORDER not in selected
+    for key, value in anchor.items():
+        if isinstance(value, torch.Tensor) and key not in ("image_grid_thw", "pixel_values"):
+            assert torch.equal(selected[key], value[rows]), key
+    images = [first_image[row] + k for row in rows for k in range(images_per_row[row])]
+    assert torch.equal(selected["image_grid_thw"], anchor["image_grid_thw"][images])
+    if IMAGES in anchor:
+        assert all(a is b for a, b in zip(selected[IMAGES], [anchor[IMAGES][i] for i in images], strict=True))
+    else:
+        patches = anchor["image_grid_thw"].prod(dim=1).tolist()
+        starts = [sum(patches[:i]) for i in range(len(patches))]
+        expected = torch.cat([anchor["pixel_values"][starts[i] : starts[i] + patches[i]] for i in images])
+        assert torch.equal(selected["pixel_values"], expected)
+
+    text_only = select_rows(anchor, torch.tensor([3, 6]))
+    assert text_only["image_grid_thw"].shape == (0, 3)
+    assert text_only.get("pixel_values", torch.empty(0)).numel() == 0 and not text_only.get(IMAGES)

@@ -55,7 +55,8 @@ def loss_and_gradients(model, loss_fn, rows):
 
 @pytest.mark.parametrize(
     "options",
-    # A token budget also reorders each column's rows (pixels included) by length, then restores batch order.
+    # A token budget also takes each column's rows by length (each mini-batch gathers its rows and their pixels),
+    # then restores batch order.
     [{"mini_batch_size": 2}, {"mini_batch_size": 8, "mini_batch_num_tokens": 40}],
     ids=["rows", "tokens"],
 )
