@@ -187,6 +187,12 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
         self.loss.validate_rows(tasks, scores)  # before paying for the forward passes
         self._task_components = None
         if self.mini_batch_num_tokens is not None:
+            for index, feature in enumerate(sentence_features):
+                if "video_grid_thw" in feature:  # select_rows gathers images only
+                    raise ValueError(
+                        f"column {index} holds videos, which mini_batch_num_tokens does not mini-batch; "
+                        "use mini_batch_size alone"
+                    )
             # Rows of similar length share a mini-batch, so that padding does not defeat the token budget: each
             # column carries its length order, each mini-batch gathers its rows (the column is not reordered
             # as a whole), and calculate_loss puts the embeddings back in batch order.
