@@ -154,8 +154,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own choice, one per core)")
     parser.add_argument("--tensor-peak", action="store_true",
-                        help="CPU: after all timed steps, one more step per loss and batch size under PyTorch's profiler, "
-                        "for the peak growth of live tensor bytes (without the allocator's retention; slow)")
+                        help="CPU: after all timed steps, one more step per loss and batch size under PyTorch's "
+                        "profiler, for the peak growth of live tensor bytes (without the allocator's retention; slow)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="result file stem (default train-<device>-<dtype>)")
     parser.add_argument("--results-dir", type=Path, default=common.DEFAULT_RESULTS_DIR)
@@ -445,13 +445,11 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{machine['load_average_end'][0]} at end. "
         f"Command: `{result['command']}`.",
         "",
-        "| preset | batch | loss | step s | samples/s | peak memory growth | padding | loss value |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    tensors = config.get("tensor_peak", False)
-    if tensors:  # one more column: the profiler's peak of live tensors
-        lines[-2] = lines[-2].replace("peak memory growth |", "peak memory growth | peak tensor growth |")
-        lines[-1] += "---|"
+    tensors = config.get("tensor_peak", False)  # one more column: the profiler's peak of live tensors
+    columns = ["preset", "batch", "loss", "step s", "samples/s", "peak memory growth",
+               *(["peak tensor growth"] * tensors), "padding", "loss value"]
+    lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for preset, preset_result in result["presets"].items():
         for size, per_loss in preset_result["batch_sizes"].items():
             for name, entry in per_loss.items():

@@ -83,10 +83,11 @@ class ViOmniQwen(SentenceTransformer):
         sentence-transformers while the next one's images are decoded, and the embeddings come back in input
         order. Qwen2-VL's patch embedding runs as a matrix product (:mod:`st_viomni.patch_embedding`) and, in
         float32 and bfloat16 on CPU, linear layers through oneDNN on a bounded set of shapes
-        (:mod:`st_viomni.onednn_linear`). See :mod:`st_viomni.batching`. ``max_padding=None`` batches as stock sentence-transformers does. Options
-        the planner does not handle (``output_value`` other than sentence embeddings, multi-process ``pool`` or
-        device lists, extra keyword arguments other than ``encode_query``/``encode_document``'s ``task``) and
-        inputs it cannot cost (audio, video, URLs, conversations mixed with other inputs) take the stock path.
+        (:mod:`st_viomni.onednn_linear`). See :mod:`st_viomni.batching`. ``max_padding=None`` batches as stock
+        sentence-transformers does. Options the planner does not handle (``output_value`` other than sentence
+        embeddings, multi-process ``pool`` or device lists, extra keyword arguments other than
+        ``encode_query``/``encode_document``'s ``task``) and inputs it cannot cost (audio, video, URLs,
+        conversations mixed with other inputs) take the stock path.
         """
         several = isinstance(inputs, (list, tuple)) and not is_conversation(inputs)
         if several and len(inputs) > 1 and max_padding is not None:

@@ -103,7 +103,10 @@ def test_cached_loss_delegates_hyperparameters_and_can_return_a_scalar(tiny_mode
 def test_token_budget_refuses_videos_before_the_forward_pass(tiny_model, monkeypatch):
     features, labels = collate(tiny_model, mixed_rows()[:2])
     features[1]["video_grid_thw"] = torch.tensor([[2, 4, 4]])
-    monkeypatch.setattr(type(tiny_model), "forward", lambda *args, **kwargs: pytest.fail("embedded before refusing"))
+    def embed(*args, **kwargs):
+        pytest.fail("embedded before refusing")
+
+    monkeypatch.setattr(type(tiny_model), "forward", embed)
     with pytest.raises(ValueError, match="column 1 holds videos"):
         CachedPrefixRoutedLoss(tiny_model, mini_batch_num_tokens=100)(features, labels)
 
