@@ -13,11 +13,11 @@ from sentence_transformers.base.losses.gradcache import (
 )
 from torch import Tensor, nn
 
-from st_viomni.deferred_pixels import has_deferred_pixels, image_processor_of, with_pixels
+from st_viomni.deferred_pixels import has_deferred_pixels, image_processor_of, unwrapped, with_pixels
 
 from .labels import decode_labels
 from .prefix_routed import PrefixRoutedLoss, _forward_is_patched
-from .token_budget import ROW_ORDER, padded_token_ranges, rows_by_length, select_rows
+from .token_budget import ROW_ORDER, padded_token_ranges, row_patches, rows_by_length, select_rows, vision_patch_cost
 
 
 class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
@@ -54,7 +54,8 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
         :class:`~st_viomni.DeferredPixelCollator` (``st-viomni train`` does) and this loss computes each
         mini-batch's pixels right before embedding it, in both passes: the memory of a step then grows with
         the batch only by its token ids and embeddings. With ``mini_batch_num_tokens`` the mini-batches are
-        cut by tokens (text and visual), so one large image costs a mini-batch what many short texts do.
+        cut by what their activations cost in tokens (an image's patches priced by the vision tower's widths),
+        so one large image costs a mini-batch what many short texts do.
 
         Args:
             model: The SentenceTransformer model.
@@ -69,9 +70,11 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
             mini_batch_size: Rows per embedding mini-batch in steps (1) and (3), and rows per chunk of the loss in
                 step (2). The larger, the faster and the more memory.
             mini_batch_num_tokens: Cut embedding mini-batches by tokens instead of rows: the rows of each column are
-                taken longest first and each mini-batch gathers as many as keep ``rows x longest row`` (text and
-                visual tokens, padding included: what the language model computes) within this budget, and at
-                most ``mini_batch_size`` rows (see :mod:`st_viomni.losses.token_budget`). None: mini-batches of
+                taken longest first and each mini-batch gathers as many as keep its cost within this budget, and
+                at most ``mini_batch_size`` rows. The cost is ``rows x longest row`` (text and visual tokens,
+                padding included: what the language model computes) plus the vision tower's image patches, each
+                priced in tokens from the model's config (0.70 for Qwen2-VL-2B: a visual token then costs about
+                3.8 text tokens; see :mod:`st_viomni.losses.token_budget`). None: mini-batches of
                 ``mini_batch_size`` rows in batch order.
             show_progress_bar: Show a progress bar over the mini-batches.
 
@@ -224,9 +227,13 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
     ):
         order = sentence_feature.get(ROW_ORDER)
         if order is not None:
-            # Budget the padded tokens of rows taken by length (both passes cut the same, deterministic ranges).
+            # Budget the activations of rows taken by length (both passes cut the same, deterministic ranges).
             lengths = sentence_feature["attention_mask"].sum(dim=1)[order]
-            ranges = padded_token_ranges(lengths.tolist(), self.mini_batch_num_tokens, self.mini_batch_size)
+            config = getattr(getattr(unwrapped(self.model)[0], "model", None), "config", None)
+            vision_costs = row_patches(sentence_feature)[order.cpu()] * vision_patch_cost(config)
+            ranges = padded_token_ranges(
+                lengths.tolist(), self.mini_batch_num_tokens, self.mini_batch_size, vision_costs.tolist()
+            )
         return super().embed_minibatch_iter(sentence_feature, with_grad, copy_random_state, random_states, ranges)
 
     def embed_minibatch(

@@ -4,9 +4,18 @@ Qwen2-VL's language model runs on right-padded rows, so a mini-batch costs ``row
 activations, not the sum of its rows' lengths. sentence-transformers' ``mini_batch_num_tokens`` packs rows in
 batch order up to a budget of *non-padding* tokens: a mini-batch holding one 1,000-token image row and twenty
 20-token texts fits a budget of 1,400 but computes 21,000 tokens. Here the rows of each column are taken in
-order of length, longest first (:func:`rows_by_length`), and mini-batches are cut so that ``rows x longest
-row`` stays within the budget (:func:`padded_token_ranges`): every mini-batch then costs at most the budget,
-whatever the mix (a single row longer than the budget is a mini-batch of its own).
+order of length, longest first (:func:`rows_by_length`), and mini-batches are cut so that their cost stays
+within the budget (:func:`padded_token_ranges`), a single row over the budget being a mini-batch of its own.
+
+The cost, in language-model tokens, is what the mini-batch's activations take::
+
+    cost = rows x longest row + patch_cost x image patches
+
+Every visual token is a language-model token, and before that four 14x14 patches of the vision tower (Qwen2-VL
+merges 2x2), which keep activations of their own for the backward pass. :func:`vision_patch_cost` prices a
+patch against a token from the two towers' widths and depths; for Qwen2-VL-2B a patch costs 0.70 tokens, so a
+visual token costs about 3.8 text tokens, and counting it as one would let an image-heavy mini-batch take
+several times the memory of a text one.
 
 The collated column itself is never reordered: each mini-batch gathers its own rows (:func:`select_rows`), so
 the step holds one copy of the batch's tokens (and, with sentence-transformers' collator, of its pixels), not
@@ -22,7 +31,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from st_viomni.batching import plan_batches
 from st_viomni.deferred_pixels import IMAGES
 
 ROW_ORDER = "row_order"
@@ -69,15 +77,65 @@ def select_rows(feature: dict[str, Any], rows: Tensor) -> dict[str, Any]:
     return selected
 
 
-def padded_token_ranges(lengths: Sequence[int], num_tokens: int, max_rows: int) -> list[tuple[int, int]]:
-    """``(begin, end)`` mini-batches of rows of ``lengths`` (ordered longest first), each with ``rows x longest
-    <= num_tokens`` (or a single row) and at most ``max_rows`` rows: the encode planner's rule
-    (:func:`st_viomni.batching.plan_batches`), which cuts contiguous ranges of rows ordered longest first."""
+def row_patches(feature: dict[str, Any]) -> Tensor:
+    """Image patches the vision tower computes for each row of the collated column ``feature`` (0 for text)."""
+    batch_size = feature["attention_mask"].shape[0]
+    patches = torch.zeros(batch_size, dtype=torch.long)
+    if "image_grid_thw" in feature:
+        rows = torch.repeat_interleave(torch.arange(batch_size), feature["num_images_per_sample"].cpu())
+        patches.index_add_(0, rows, feature["image_grid_thw"].prod(dim=1).cpu())
+    return patches
+
+
+def vision_patch_cost(config: Any) -> float:
+    """Language-model tokens that one vision-tower patch costs in activations, from a Qwen2-VL config.
+
+    Both towers keep, per token and layer, activations proportional to their hidden plus MLP widths (attention,
+    norms and the MLP's input and output at the hidden width, its gate or activation at the MLP width), so::
+
+        patch_cost = vision depth x (vision width + vision MLP width) / (text layers x (text width + MLP width))
+
+    0.70 for Qwen2-VL-2B. Measured on one mini-batch's forward and backward (live tensors, benchmarks/NOTES.md):
+    0.61 for ``proxy-2b`` (formula 0.61), 0.52 for ``tiny`` (formula 0.5). 0 for a model without a vision tower
+    (``config`` None or without ``vision_config``).
+    """
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        return 0.0
+    # Qwen2-VL's vision width is embed_dim (its hidden_size is the merger's output) and its MLP a ratio of it.
+    width, mlp_ratio = getattr(vision, "embed_dim", None), getattr(vision, "mlp_ratio", None)
+    if not width or not mlp_ratio:
+        raise ValueError(
+            f"cannot price the image patches of {type(vision).__name__} (no embed_dim and mlp_ratio): the token "
+            "budget of st-viomni's losses knows Qwen2-VL's vision tower"
+        )
+    text = config.text_config
+    text_cost = text.num_hidden_layers * (text.hidden_size + text.intermediate_size)
+    return vision.depth * width * (1 + mlp_ratio) / text_cost
+
+
+def padded_token_ranges(
+    lengths: Sequence[int], num_tokens: int, max_rows: int, vision_costs: Sequence[float] | None = None
+) -> list[tuple[int, int]]:
+    """``(begin, end)`` mini-batches of consecutive rows of ``lengths`` (ordered longest first), each with at
+    most ``max_rows`` rows and a cost ``rows x longest + sum(vision_costs)`` within ``num_tokens``, or of a
+    single row. ``vision_costs``: per row, its image patches times :func:`vision_patch_cost` (None: no images)."""
     lengths = list(lengths)
     if any(shorter > longer for longer, shorter in zip(lengths, lengths[1:])):
         raise ValueError("padded_token_ranges needs lengths ordered longest first (rows_by_length)")
-    batches = plan_batches(lengths, max_rows, max_padding=None, max_tokens=num_tokens)
-    return [(batch[0], batch[-1] + 1) for batch in batches]
+    vision_costs = [0.0] * len(lengths) if vision_costs is None else list(vision_costs)
+    ranges: list[tuple[int, int]] = []
+    begin, vision = 0, 0.0
+    for row in range(len(lengths)):
+        rows = row - begin + 1
+        # lengths[begin] is the longest row of the mini-batch; a row is only ever shorter.
+        if row > begin and (rows > max_rows or rows * lengths[begin] + vision + vision_costs[row] > num_tokens):
+            ranges.append((begin, row))
+            begin, vision = row, 0.0
+        vision += vision_costs[row]
+    if lengths:
+        ranges.append((begin, len(lengths)))
+    return ranges
 
 
 _IMAGE_KEYS = ("image_grid_thw", "pixel_values")

@@ -94,11 +94,15 @@ def has_deferred_pixels(feature: dict[str, Any]) -> bool:
     return IMAGES in feature
 
 
-def image_processor_of(model: Any) -> Any:
-    """The image processor of a viOmni model, also when the trainer has wrapped it (DDP, ``torch.compile``)."""
+def unwrapped(model: Any) -> Any:
+    """The SentenceTransformer inside a model the trainer has wrapped (DDP, ``torch.compile``), or the model."""
     model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return model[0].processor.image_processor
+    return getattr(model, "module", model)
+
+
+def image_processor_of(model: Any) -> Any:
+    """The image processor of a viOmni model, also when the trainer has wrapped it."""
+    return unwrapped(model)[0].processor.image_processor
 
 
 def with_pixels(

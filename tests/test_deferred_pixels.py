@@ -12,7 +12,15 @@ from sentence_transformers.sentence_transformer.data_collator import SentenceTra
 from st_viomni import DeferredPixelCollator, format_input
 from st_viomni.deferred_pixels import IMAGES, image_grid, with_pixels
 from st_viomni.losses import CachedPrefixRoutedLoss, PrefixRoutedLoss, make_label
-from st_viomni.losses.token_budget import ROW_ORDER, padded_token_ranges, rows_by_length, select_rows
+from st_viomni.losses.token_budget import (
+    ROW_ORDER,
+    padded_token_ranges,
+    row_patches,
+    rows_by_length,
+    select_rows,
+    vision_patch_cost,
+)
+from st_viomni.testing import preset_config
 
 from test_loss_cached import RELATIVE_TOLERANCE, mixed_rows
 
@@ -137,34 +145,76 @@ def test_the_collator_needs_a_qwen2_vl_model():
         DeferredPixelCollator(lambda inputs, **kwargs: {})
 
 
-def test_token_budget_mini_batches_bound_the_padded_tokens(tiny_model, monkeypatch):
+def test_token_budget_mini_batches_bound_padded_tokens_plus_priced_patches(tiny_model, monkeypatch):
     # One long image row among short texts: in batch order, a non-padding budget would pad the short rows to it.
     rows = image_rows()
     budget = 120
-    shapes = []
+    patch_cost = vision_patch_cost(tiny_model[0].model.config)
+    mini_batches = []
     original = CachedPrefixRoutedLoss.embed_minibatch
 
     def spy(self, sentence_feature, begin, end, *args, **kwargs):
         reps, state = original(self, sentence_feature, begin, end, *args, **kwargs)
         rows = sentence_feature[ROW_ORDER][begin:end]  # positions in the column's length order
-        shapes.append((end - begin, int(sentence_feature["attention_mask"][rows].sum(dim=1).max())))
+        longest = int(sentence_feature["attention_mask"][rows].sum(dim=1).max())
+        patches = int(row_patches(sentence_feature)[rows].sum())
+        mini_batches.append((end - begin, longest, patches))
         return reps, state
 
     monkeypatch.setattr(CachedPrefixRoutedLoss, "embed_minibatch", spy)
     loss = CachedPrefixRoutedLoss(tiny_model, mini_batch_size=8, mini_batch_num_tokens=budget)
     with torch.no_grad():
         loss(*features(DeferredPixelCollator(tiny_model.preprocess), rows))
-    assert len(shapes) > 2
-    for size, longest in shapes:
-        assert size * longest <= budget or size == 1, shapes
+    assert len(mini_batches) > 2
+    assert any(size > 1 and patches for size, _, patches in mini_batches), "no mini-batch shares rows with images"
+    for size, longest, patches in mini_batches:
+        assert size * longest + patch_cost * patches <= budget or size == 1, mini_batches
 
 
 def test_token_budget_ranges_are_contiguous_and_need_rows_ordered_by_length():
     lengths = [10, 9, 5, 5, 4, 1]
     assert padded_token_ranges(lengths, num_tokens=20, max_rows=3) == [(0, 2), (2, 5), (5, 6)]
     assert padded_token_ranges(lengths, num_tokens=5, max_rows=8) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
+    assert padded_token_ranges([], num_tokens=5, max_rows=8) == []
     with pytest.raises(ValueError, match="longest first"):
         padded_token_ranges(lengths[::-1], num_tokens=20, max_rows=3)
+
+
+def test_token_budget_ranges_count_the_vision_cost_of_each_row():
+    lengths = [10, 9, 5, 5]
+    assert padded_token_ranges(lengths, num_tokens=20, max_rows=8) == [(0, 2), (2, 4)]
+    # Row 1's images cost 8 tokens: 2 x 10 + 8 and then 2 x 9 + 8 exceed 20; two text rows of 5 fit.
+    assert padded_token_ranges(lengths, 20, 8, vision_costs=[0, 8, 0, 0]) == [(0, 1), (1, 2), (2, 4)]
+    # A row whose images alone exceed the budget is a mini-batch of its own.
+    assert padded_token_ranges(lengths, 20, 8, vision_costs=[0, 0, 30, 0]) == [(0, 2), (2, 3), (3, 4)]
+
+
+def test_row_patches_sums_each_rows_image_grids(tiny_model):
+    (feature, text_column), _ = features(DeferredPixelCollator(tiny_model.preprocess), image_rows())
+    grids = feature["image_grid_thw"].prod(dim=1).tolist()
+    per_row = feature["num_images_per_sample"].tolist()
+    expected, first = [], 0
+    for count in per_row:
+        expected.append(sum(grids[first : first + count]))
+        first += count
+    assert row_patches(feature).tolist() == expected
+    assert 0 in expected and sum(expected) == sum(grids)
+    assert row_patches(text_column).tolist() == [0] * 8
+
+
+def test_vision_patch_cost_prices_a_patch_by_the_towers_depths_and_widths():
+    # depth x width x (1 + mlp_ratio) / (text layers x (hidden + intermediate))
+    assert vision_patch_cost(preset_config("tiny")) == 2 * 32 * 3 / (2 * (64 + 128))
+    assert vision_patch_cost(preset_config("full-2b")) == pytest.approx(32 * 1280 * 5 / (28 * (1536 + 8960)))
+    assert vision_patch_cost(preset_config("proxy-2b")) == pytest.approx(2 * 1280 * 5 / (2 * (1536 + 8960)))
+    assert vision_patch_cost(None) == 0.0  # no vision tower
+
+
+def test_vision_patch_cost_refuses_a_vision_tower_it_cannot_price():
+    from transformers import Qwen2_5_VLConfig
+
+    with pytest.raises(ValueError, match="Qwen2_5_VLVisionConfig"):
+        vision_patch_cost(Qwen2_5_VLConfig())
 
 
 def test_rows_by_length_is_longest_first_with_ties_in_batch_order():
