@@ -140,8 +140,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--losses", default=",".join(ALL_LOSSES), help="comma-separated subset of losses")
     parser.add_argument("--mini-batch-size", type=int, default=8, help="mini-batch of both cached losses (default 8)")
     parser.add_argument("--mini-batch-num-tokens", type=int, default=None,
-                        help="token budget of both cached losses' mini-batches (text and visual tokens; default: "
-                        "none, mini-batches of --mini-batch-size rows); --mini-batch-size stays the row limit")
+                        help="token budget of both cached losses' mini-batches, each by its own rule (cached "
+                        "PrefixRoutedLoss: padded tokens plus priced image patches; cached MNRL: non-padding tokens "
+                        "in batch order; default: none, mini-batches of --mini-batch-size rows); --mini-batch-size "
+                        "stays the row limit")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per loss and batch size (default 3)")
     parser.add_argument("--memory-budget-gib", type=float, default=None,
                         help="skip a configuration whose memory, extrapolated linearly from the same loss at the "
