@@ -17,7 +17,7 @@ from st_viomni.deferred_pixels import has_deferred_pixels, image_processor_of, u
 
 from .labels import decode_labels
 from .prefix_routed import PrefixRoutedLoss, _forward_is_patched
-from .token_budget import ROW_ORDER, padded_token_ranges, row_patches, rows_by_length, select_rows, vision_patch_cost
+from .token_budget import MINI_BATCH_PLAN, plan_mini_batches, select_rows, vision_patch_cost
 
 
 class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
@@ -197,12 +197,16 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
                         "use mini_batch_size alone"
                     )
             # Rows of similar length share a mini-batch, so that padding does not defeat the token budget: each
-            # column carries its length order, each mini-batch gathers its rows (the column is not reordered
-            # as a whole), and calculate_loss puts the embeddings back in batch order.
-            self._row_orders = [rows_by_length(feature) for feature in sentence_features]
-            sentence_features = [
-                {**feature, ROW_ORDER: order} for feature, order in zip(sentence_features, self._row_orders)
+            # column carries its plan, each mini-batch gathers its rows (the column is not reordered as a whole),
+            # and calculate_loss puts the embeddings back in batch order.
+            config = getattr(getattr(unwrapped(self.model)[0], "model", None), "config", None)
+            patch_cost = vision_patch_cost(config)
+            plans = [
+                plan_mini_batches(feature, self.mini_batch_num_tokens, self.mini_batch_size, patch_cost)
+                for feature in sentence_features
             ]
+            self._row_orders = [plan.order for plan in plans]
+            sentence_features = [{**feature, MINI_BATCH_PLAN: plan} for feature, plan in zip(sentence_features, plans)]
         try:
             loss = self.forward_cached(sentence_features, labels)
         finally:
@@ -225,15 +229,9 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
         random_states: list[Any] | None = None,
         ranges: list[tuple[int, int]] | None = None,
     ):
-        order = sentence_feature.get(ROW_ORDER)
-        if order is not None:
-            # Budget the activations of rows taken by length (both passes cut the same, deterministic ranges).
-            lengths = sentence_feature["attention_mask"].sum(dim=1)[order]
-            config = getattr(getattr(unwrapped(self.model)[0], "model", None), "config", None)
-            vision_costs = row_patches(sentence_feature)[order.cpu()] * vision_patch_cost(config)
-            ranges = padded_token_ranges(
-                lengths.tolist(), self.mini_batch_num_tokens, self.mini_batch_size, vision_costs.tolist()
-            )
+        plan = sentence_feature.get(MINI_BATCH_PLAN)
+        if plan is not None:  # the token budget's ranges replace sentence-transformers' (positions in plan.order)
+            ranges = plan.ranges
         return super().embed_minibatch_iter(sentence_feature, with_grad, copy_random_state, random_states, ranges)
 
     def embed_minibatch(
@@ -245,9 +243,9 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
         copy_random_state: bool,
         random_state: Any = None,
     ) -> tuple[Tensor, Any]:
-        order = sentence_feature.get(ROW_ORDER)
-        if order is not None:  # positions begin:end of the length order
-            sentence_feature = select_rows(sentence_feature, order[begin:end])
+        plan = sentence_feature.get(MINI_BATCH_PLAN)
+        if plan is not None:  # positions begin:end of the length order
+            sentence_feature = select_rows(sentence_feature, plan.order[begin:end])
             begin, end = 0, end - begin
         # Pixels deferred by DeferredPixelCollator are computed for this mini-batch only, in both passes.
         if has_deferred_pixels(sentence_feature):

@@ -17,14 +17,16 @@ patch against a token from the two towers' widths and depths; for Qwen2-VL-2B a 
 visual token costs about 3.8 text tokens, and counting it as one would let an image-heavy mini-batch take
 several times the memory of a text one.
 
-The collated column itself is never reordered: each mini-batch gathers its own rows (:func:`select_rows`), so
-the step holds one copy of the batch's tokens (and, with sentence-transformers' collator, of its pixels), not
-two.
+Each column's order and mini-batches are planned once per step (:func:`plan_mini_batches`), before any
+forward pass, and both GradCache passes follow that plan. The collated column itself is never reordered: each
+mini-batch gathers its own rows (:func:`select_rows`), so the step holds one copy of the batch's tokens (and,
+with sentence-transformers' collator, of its pixels), not two.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
@@ -33,9 +35,30 @@ from torch import Tensor
 
 from st_viomni.deferred_pixels import IMAGES
 
-ROW_ORDER = "row_order"
+MINI_BATCH_PLAN = "mini_batch_plan"
 """Feature key under which :class:`~st_viomni.losses.CachedPrefixRoutedLoss` passes a column's
-:func:`rows_by_length` order to its mini-batching (never seen by the model)."""
+:class:`MiniBatchPlan` to both GradCache passes (never seen by the model)."""
+
+
+@dataclass(frozen=True)
+class MiniBatchPlan:
+    """A column's token-budget mini-batches: its rows longest first, and ``(begin, end)`` ranges of that order.
+
+    Planned once per step, before any forward pass, so that the pass with gradients replays the mini-batches of
+    the pass without, whatever a module does to the features in between."""
+
+    order: Tensor
+    ranges: list[tuple[int, int]]
+
+
+def plan_mini_batches(feature: dict[str, Any], num_tokens: int, max_rows: int, patch_cost: float) -> MiniBatchPlan:
+    """The :class:`MiniBatchPlan` of the collated column ``feature``: rows by length (:func:`rows_by_length`),
+    cut by :func:`padded_token_ranges` with each row's image patches priced at ``patch_cost`` tokens
+    (:func:`vision_patch_cost`)."""
+    order = rows_by_length(feature)
+    lengths = feature["attention_mask"].sum(dim=1)[order]
+    vision_costs = row_patches(feature)[order.cpu()] * patch_cost
+    return MiniBatchPlan(order, padded_token_ranges(lengths.tolist(), num_tokens, max_rows, vision_costs.tolist()))
 
 
 def rows_by_length(feature: dict[str, Any]) -> Tensor:
@@ -54,7 +77,7 @@ def select_rows(feature: dict[str, Any], rows: Tensor) -> dict[str, Any]:
     batch_size = feature["attention_mask"].shape[0]
     selected = {}
     for key, value in feature.items():
-        if key == ROW_ORDER:
+        if key == MINI_BATCH_PLAN:
             continue
         if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch_size and key not in _IMAGE_KEYS:
             selected[key] = value[rows.to(value.device)]

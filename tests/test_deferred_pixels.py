@@ -13,7 +13,8 @@ from st_viomni import DeferredPixelCollator, format_input
 from st_viomni.deferred_pixels import IMAGES, image_grid, with_pixels
 from st_viomni.losses import CachedPrefixRoutedLoss, PrefixRoutedLoss, make_label
 from st_viomni.losses.token_budget import (
-    ROW_ORDER,
+    MINI_BATCH_PLAN,
+    MiniBatchPlan,
     padded_token_ranges,
     row_patches,
     rows_by_length,
@@ -155,7 +156,7 @@ def test_token_budget_mini_batches_bound_padded_tokens_plus_priced_patches(tiny_
 
     def spy(self, sentence_feature, begin, end, *args, **kwargs):
         reps, state = original(self, sentence_feature, begin, end, *args, **kwargs)
-        rows = sentence_feature[ROW_ORDER][begin:end]  # positions in the column's length order
+        rows = sentence_feature[MINI_BATCH_PLAN].order[begin:end]  # positions in the column's length order
         longest = int(sentence_feature["attention_mask"][rows].sum(dim=1).max())
         patches = int(row_patches(sentence_feature)[rows].sum())
         mini_batches.append((end - begin, longest, patches))
@@ -230,9 +231,10 @@ def test_select_rows_gathers_the_rows_and_their_images_only(tiny_model, collator
     images_per_row = anchor["num_images_per_sample"].tolist()  # [1, 0, 2, 0, 1, 1, 0, 1]
     first_image = [sum(images_per_row[:row]) for row in range(len(images_per_row))]
     rows = [4, 2, 1]  # one image, two images, none: in this order
-    selected = select_rows({**anchor, ROW_ORDER: torch.arange(8)}, torch.tensor(rows))
+    plan = MiniBatchPlan(torch.arange(8), [(0, 8)])
+    selected = select_rows({**anchor, MINI_BATCH_PLAN: plan}, torch.tensor(rows))
 
-    assert ROW_ORDER not in selected
+    assert MINI_BATCH_PLAN not in selected
     for key, value in anchor.items():
         if isinstance(value, torch.Tensor) and key not in ("image_grid_thw", "pixel_values"):
             assert torch.equal(selected[key], value[rows]), key
