@@ -140,10 +140,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--losses", default=",".join(ALL_LOSSES), help="comma-separated subset of losses")
     parser.add_argument("--mini-batch-size", type=int, default=8, help="mini-batch of both cached losses (default 8)")
     parser.add_argument("--mini-batch-num-tokens", type=int, default=None,
-                        help="token budget of both cached losses' mini-batches, each by its own rule (cached "
+                        help="token budget of both cached losses' embedding mini-batches, in place of "
+                        "--mini-batch-size rows (which still sets the loss's chunks), each by its own rule (cached "
                         "PrefixRoutedLoss: padded tokens plus priced image patches; cached MNRL: non-padding tokens "
-                        "in batch order; default: none, mini-batches of --mini-batch-size rows); --mini-batch-size "
-                        "stays the row limit")
+                        "in batch order; default: none)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per loss and batch size (default 3)")
     parser.add_argument("--memory-budget-gib", type=float, default=None,
                         help="skip a configuration whose memory, extrapolated linearly from the same loss at the "
@@ -440,8 +440,12 @@ def markdown_table(result: dict[str, Any]) -> str:
     )
     lines = [
         f"Training step (collate + forward + backward, no optimizer), {config['device']} {config['dtype']}, mini "
-        f"mixture, cached mini-batch {config['mini_batch_size']}"
-        + (f" rows / {config['mini_batch_num_tokens']} tokens" if config.get("mini_batch_num_tokens") else "")
+        f"mixture, cached mini-batches of "
+        + (
+            f"{config['mini_batch_num_tokens']} tokens (loss chunks of {config['mini_batch_size']} rows)"
+            if config.get("mini_batch_num_tokens")
+            else f"{config['mini_batch_size']} rows"
+        )
         + f", median of {config['repeats']} alternating repeats "
         f"(min-max). {where}; {machine['date_utc'][:10]}; load average {machine['load_average_start'][0]} at start, "
         f"{machine['load_average_end'][0]} at end. "

@@ -67,15 +67,16 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
             gather_across_devices: See :class:`PrefixRoutedLoss`.
             log_task_components: See :class:`PrefixRoutedLoss`. Inside ``MatryoshkaLoss`` (which decorates
                 ``calculate_loss``) a scalar is returned automatically.
-            mini_batch_size: Rows per embedding mini-batch in steps (1) and (3), and rows per chunk of the loss in
-                step (2). The larger, the faster and the more memory.
-            mini_batch_num_tokens: Cut embedding mini-batches by tokens instead of rows: the rows of each column are
-                taken longest first and each mini-batch gathers as many as keep its cost within this budget, and
-                at most ``mini_batch_size`` rows. The cost is ``rows x longest row`` (text and visual tokens,
-                padding included: what the language model computes) plus the vision tower's image patches, each
-                priced in tokens from the model's config (0.70 for Qwen2-VL-2B: a visual token then costs about
-                3.8 text tokens; see :mod:`st_viomni.losses.token_budget`). None: mini-batches of
-                ``mini_batch_size`` rows in batch order.
+            mini_batch_size: Rows per embedding mini-batch in steps (1) and (3) (unless ``mini_batch_num_tokens`` is
+                set), and rows per chunk of the loss in step (2). The larger, the faster and the more memory.
+            mini_batch_num_tokens: Cut embedding mini-batches by tokens instead of ``mini_batch_size`` rows, as
+                sentence-transformers' cached losses do, but by what a mini-batch computes: the rows of each column
+                are taken longest first and each mini-batch gathers as many as keep its cost within this budget.
+                The cost is ``rows x longest row`` (text and visual tokens, padding included: what the language
+                model computes) plus the vision tower's image patches, each priced in tokens from the model's
+                config (0.70 for Qwen2-VL-2B: a visual token then costs about 3.8 text tokens; see
+                :mod:`st_viomni.losses.token_budget`). None: mini-batches of ``mini_batch_size`` rows in batch
+                order.
             show_progress_bar: Show a progress bar over the mini-batches.
 
         References:
@@ -201,10 +202,8 @@ class CachedPrefixRoutedLoss(CachedLossMixin, nn.Module):
             # and calculate_loss puts the embeddings back in batch order.
             config = getattr(getattr(unwrapped(self.model)[0], "model", None), "config", None)
             patch_cost = vision_patch_cost(config)
-            plans = [
-                plan_mini_batches(feature, self.mini_batch_num_tokens, self.mini_batch_size, patch_cost)
-                for feature in sentence_features
-            ]
+            budget = self.mini_batch_num_tokens
+            plans = [plan_mini_batches(feature, budget, patch_cost) for feature in sentence_features]
             self._row_orders = [plan.order for plan in plans]
             sentence_features = [{**feature, MINI_BATCH_PLAN: plan} for feature, plan in zip(sentence_features, plans)]
         try:

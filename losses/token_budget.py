@@ -51,14 +51,14 @@ class MiniBatchPlan:
     ranges: list[tuple[int, int]]
 
 
-def plan_mini_batches(feature: dict[str, Any], num_tokens: int, max_rows: int, patch_cost: float) -> MiniBatchPlan:
+def plan_mini_batches(feature: dict[str, Any], num_tokens: int, patch_cost: float) -> MiniBatchPlan:
     """The :class:`MiniBatchPlan` of the collated column ``feature``: rows by length (:func:`rows_by_length`),
     cut by :func:`padded_token_ranges` with each row's image patches priced at ``patch_cost`` tokens
     (:func:`vision_patch_cost`)."""
     order = rows_by_length(feature)
     lengths = feature["attention_mask"].sum(dim=1)[order]
     vision_costs = row_patches(feature)[order.cpu()] * patch_cost
-    return MiniBatchPlan(order, padded_token_ranges(lengths.tolist(), num_tokens, max_rows, vision_costs.tolist()))
+    return MiniBatchPlan(order, padded_token_ranges(lengths.tolist(), num_tokens, vision_costs.tolist()))
 
 
 def rows_by_length(feature: dict[str, Any]) -> Tensor:
@@ -138,11 +138,15 @@ def vision_patch_cost(config: Any) -> float:
 
 
 def padded_token_ranges(
-    lengths: Sequence[int], num_tokens: int, max_rows: int, vision_costs: Sequence[float] | None = None
+    lengths: Sequence[int], num_tokens: int, vision_costs: Sequence[float] | None = None
 ) -> list[tuple[int, int]]:
-    """``(begin, end)`` mini-batches of consecutive rows of ``lengths`` (ordered longest first), each with at
-    most ``max_rows`` rows and a cost ``rows x longest + sum(vision_costs)`` within ``num_tokens``, or of a
-    single row. ``vision_costs``: per row, its image patches times :func:`vision_patch_cost` (None: no images)."""
+    """``(begin, end)`` mini-batches of consecutive rows of ``lengths`` (ordered longest first), each with a cost
+    ``rows x longest + sum(vision_costs)`` within ``num_tokens``, or of a single row. ``vision_costs``: per row,
+    its image patches times :func:`vision_patch_cost` (None: no images).
+
+    As in sentence-transformers, the budget replaces the row count: it bounds what a mini-batch's activations
+    take, so many short rows share one mini-batch (fewer, fuller forward passes) at the memory of a few long
+    ones."""
     lengths = list(lengths)
     if any(shorter > longer for longer, shorter in zip(lengths, lengths[1:])):
         raise ValueError("padded_token_ranges needs lengths ordered longest first (rows_by_length)")
@@ -150,9 +154,8 @@ def padded_token_ranges(
     ranges: list[tuple[int, int]] = []
     begin, vision = 0, 0.0
     for row in range(len(lengths)):
-        rows = row - begin + 1
         # lengths[begin] is the longest row of the mini-batch; a row is only ever shorter.
-        if row > begin and (rows > max_rows or rows * lengths[begin] + vision + vision_costs[row] > num_tokens):
+        if row > begin and (row - begin + 1) * lengths[begin] + vision + vision_costs[row] > num_tokens:
             ranges.append((begin, row))
             begin, vision = row, 0.0
         vision += vision_costs[row]

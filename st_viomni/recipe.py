@@ -30,7 +30,7 @@
     loss:                       # st_viomni.losses.PrefixRoutedLoss / CachedPrefixRoutedLoss
       cached: true
       mini_batch_size: 8
-      mini_batch_num_tokens: 4096   # optional (cached): cut mini-batches by tokens, text and visual
+      mini_batch_num_tokens: 4096   # optional (cached): cut mini-batches by tokens instead of rows, text and visual
       temperature: 0.05
       mse_weight: 1.0
       cosine_weight: 1.0

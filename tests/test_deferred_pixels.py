@@ -163,7 +163,8 @@ def test_token_budget_mini_batches_bound_padded_tokens_plus_priced_patches(tiny_
         return reps, state
 
     monkeypatch.setattr(CachedPrefixRoutedLoss, "embed_minibatch", spy)
-    loss = CachedPrefixRoutedLoss(tiny_model, mini_batch_size=8, mini_batch_num_tokens=budget)
+    # mini_batch_size=1: the budget, not the row count, cuts the mini-batches (as in sentence-transformers).
+    loss = CachedPrefixRoutedLoss(tiny_model, mini_batch_size=1, mini_batch_num_tokens=budget)
     with torch.no_grad():
         loss(*features(DeferredPixelCollator(tiny_model.preprocess), rows))
     assert len(mini_batches) > 2
@@ -174,20 +175,26 @@ def test_token_budget_mini_batches_bound_padded_tokens_plus_priced_patches(tiny_
 
 def test_token_budget_ranges_are_contiguous_and_need_rows_ordered_by_length():
     lengths = [10, 9, 5, 5, 4, 1]
-    assert padded_token_ranges(lengths, num_tokens=20, max_rows=3) == [(0, 2), (2, 5), (5, 6)]
-    assert padded_token_ranges(lengths, num_tokens=5, max_rows=8) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
-    assert padded_token_ranges([], num_tokens=5, max_rows=8) == []
+    assert padded_token_ranges(lengths, num_tokens=20) == [(0, 2), (2, 6)]
+    assert padded_token_ranges(lengths, num_tokens=5) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
+    assert padded_token_ranges([], num_tokens=5) == []
     with pytest.raises(ValueError, match="longest first"):
-        padded_token_ranges(lengths[::-1], num_tokens=20, max_rows=3)
+        padded_token_ranges(lengths[::-1], num_tokens=20)
+
+
+def test_token_budget_replaces_the_row_count_as_in_sentence_transformers():
+    # 64 one-token rows fit a budget of 64 as one mini-batch: the budget bounds activations, not rows.
+    assert padded_token_ranges([1] * 64, num_tokens=64) == [(0, 64)]
+    assert padded_token_ranges([1] * 65, num_tokens=64) == [(0, 64), (64, 65)]
 
 
 def test_token_budget_ranges_count_the_vision_cost_of_each_row():
     lengths = [10, 9, 5, 5]
-    assert padded_token_ranges(lengths, num_tokens=20, max_rows=8) == [(0, 2), (2, 4)]
+    assert padded_token_ranges(lengths, num_tokens=20) == [(0, 2), (2, 4)]
     # Row 1's images cost 8 tokens: 2 x 10 + 8 and then 2 x 9 + 8 exceed 20; two text rows of 5 fit.
-    assert padded_token_ranges(lengths, 20, 8, vision_costs=[0, 8, 0, 0]) == [(0, 1), (1, 2), (2, 4)]
+    assert padded_token_ranges(lengths, 20, vision_costs=[0, 8, 0, 0]) == [(0, 1), (1, 2), (2, 4)]
     # A row whose images alone exceed the budget is a mini-batch of its own.
-    assert padded_token_ranges(lengths, 20, 8, vision_costs=[0, 0, 30, 0]) == [(0, 2), (2, 3), (3, 4)]
+    assert padded_token_ranges(lengths, 20, vision_costs=[0, 0, 30, 0]) == [(0, 2), (2, 3), (3, 4)]
 
 
 def test_row_patches_sums_each_rows_image_grids(tiny_model):
