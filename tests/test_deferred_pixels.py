@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -85,6 +86,53 @@ def test_the_collated_tokens_are_the_stock_collators_and_the_pixels_are_computed
         for key, value in expected.items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(mini_batch[key], value), (begin, end, key)
+
+
+def noise_rows(sizes, transparency=False) -> list[dict]:
+    """One vqa_single row per size, each with a random-noise image (a resize of a flat colour proves nothing)."""
+    generator = np.random.default_rng(0)
+    rows = []
+    for index, (width, height) in enumerate(sizes):
+        image = Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        if transparency:
+            image.info["transparency"] = (0, 0, 0)
+        rows.append(
+            {
+                "anchor": format_input("vqa_single", f"Hình {index} có gì?", [image]),
+                "positive": format_input("vqa_single", f"câu trả lời {index}"),
+                "label": make_label("vqa_single", None, f"câu trả lời {index}"),
+            }
+        )
+    return rows
+
+
+# tiny's pixel budget is 56x56 to 224x224: these are scaled down, up, and kept.
+NOISE_SIZES = [(700, 500), (40, 40), (300, 90), (112, 56), (1344, 896)]
+
+
+def test_the_collator_resizes_each_image_once_and_the_pixels_are_the_stock_collators_bitwise(tiny_model):
+    rows = noise_rows(NOISE_SIZES)
+    (stock_anchor, _), _ = features(SentenceTransformerDataCollator(tiny_model.preprocess), rows)
+    (anchor, _), _ = features(DeferredPixelCollator(tiny_model.preprocess), rows)
+    patch = tiny_model[0].processor.image_processor.patch_size
+    for image, (_, grid_rows, grid_columns) in zip(anchor[IMAGES], anchor["image_grid_thw"].tolist()):
+        assert image.dtype == torch.uint8 and tuple(image.shape) == (3, grid_rows * patch, grid_columns * patch)
+
+    image_processor = tiny_model[0].processor.image_processor
+    assert torch.equal(with_pixels(anchor, image_processor)["pixel_values"], stock_anchor["pixel_values"])
+    for begin, end in [(0, 2), (2, 5), (4, 5)]:
+        expected = _create_minibatch(stock_anchor, begin, end)["pixel_values"]
+        assert torch.equal(with_pixels(anchor, image_processor, begin, end)["pixel_values"], expected), (begin, end)
+
+
+def test_images_the_processor_composites_are_handed_on_as_they_are(tiny_model):
+    # An RGB image with a transparent colour is composited onto white by the processor before it resizes.
+    rows = noise_rows(NOISE_SIZES[:2], transparency=True)
+    (stock_anchor, _), _ = features(SentenceTransformerDataCollator(tiny_model.preprocess), rows)
+    (anchor, _), _ = features(DeferredPixelCollator(tiny_model.preprocess), rows)
+    assert all(isinstance(image, Image.Image) for image in anchor[IMAGES])
+    image_processor = tiny_model[0].processor.image_processor
+    assert torch.equal(with_pixels(anchor, image_processor)["pixel_values"], stock_anchor["pixel_values"])
 
 
 @pytest.mark.parametrize(
