@@ -9,6 +9,7 @@ from PIL import Image
 from sentence_transformers import SentenceTransformerTrainer
 from sentence_transformers.base.losses.gradcache import _create_minibatch
 from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+from torch.utils.data import DataLoader
 
 from st_viomni import DeferredPixelCollator, format_input
 from st_viomni.deferred_pixels import IMAGES, image_grid, with_pixels
@@ -123,6 +124,18 @@ def test_the_collator_resizes_each_image_once_and_the_pixels_are_the_stock_colla
     for begin, end in [(0, 2), (2, 5), (4, 5)]:
         expected = _create_minibatch(stock_anchor, begin, end)["pixel_values"]
         assert torch.equal(with_pixels(anchor, image_processor, begin, end)["pixel_values"], expected), (begin, end)
+
+
+def test_a_data_loader_worker_collates_the_resized_images(tiny_model):
+    # The recipes collate in data-loader worker processes: the resize happens there, the pixels stay exact.
+    rows = noise_rows(NOISE_SIZES)
+    (stock_anchor, _), _ = features(SentenceTransformerDataCollator(tiny_model.preprocess), rows)
+    collator = DeferredPixelCollator(tiny_model.preprocess)
+    loader = DataLoader(rows, batch_size=len(rows), collate_fn=collator, num_workers=1)
+    (anchor, _), _ = SentenceTransformerTrainer.collect_features(None, next(iter(loader)))
+    assert all(image.dtype == torch.uint8 for image in anchor[IMAGES])
+    image_processor = tiny_model[0].processor.image_processor
+    assert torch.equal(with_pixels(anchor, image_processor)["pixel_values"], stock_anchor["pixel_values"])
 
 
 def test_images_the_processor_composites_are_handed_on_as_they_are(tiny_model):
