@@ -94,7 +94,10 @@ def noise_rows(sizes, transparency=False) -> list[dict]:
     generator = np.random.default_rng(0)
     rows = []
     for index, (width, height) in enumerate(sizes):
-        image = Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        pixels = generator.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        if transparency:
+            pixels[: height // 2] = 0  # the transparent colour, so that compositing it onto white shows
+        image = Image.fromarray(pixels)
         if transparency:
             image.info["transparency"] = (0, 0, 0)
         rows.append(
@@ -111,16 +114,24 @@ def noise_rows(sizes, transparency=False) -> list[dict]:
 NOISE_SIZES = [(700, 500), (40, 40), (300, 90), (112, 56), (1344, 896)]
 
 
+def assert_the_pixels_are_the_stock_collators(model, rows, anchor) -> dict:
+    """The whole column's pixels from ``anchor`` (collated by DeferredPixelCollator) equal the stock collator's
+    bitwise; returns the stock column."""
+    (stock_anchor, _), _ = features(SentenceTransformerDataCollator(model.preprocess), rows)
+    image_processor = model[0].processor.image_processor
+    assert torch.equal(with_pixels(anchor, image_processor)["pixel_values"], stock_anchor["pixel_values"])
+    return stock_anchor
+
+
 def test_the_collator_resizes_each_image_once_and_the_pixels_are_the_stock_collators_bitwise(tiny_model):
     rows = noise_rows(NOISE_SIZES)
-    (stock_anchor, _), _ = features(SentenceTransformerDataCollator(tiny_model.preprocess), rows)
     (anchor, _), _ = features(DeferredPixelCollator(tiny_model.preprocess), rows)
-    patch = tiny_model[0].processor.image_processor.patch_size
+    image_processor = tiny_model[0].processor.image_processor
     for image, (_, grid_rows, grid_columns) in zip(anchor[IMAGES], anchor["image_grid_thw"].tolist()):
+        patch = image_processor.patch_size
         assert image.dtype == torch.uint8 and tuple(image.shape) == (3, grid_rows * patch, grid_columns * patch)
 
-    image_processor = tiny_model[0].processor.image_processor
-    assert torch.equal(with_pixels(anchor, image_processor)["pixel_values"], stock_anchor["pixel_values"])
+    stock_anchor = assert_the_pixels_are_the_stock_collators(tiny_model, rows, anchor)
     for begin, end in [(0, 2), (2, 5), (4, 5)]:
         expected = _create_minibatch(stock_anchor, begin, end)["pixel_values"]
         assert torch.equal(with_pixels(anchor, image_processor, begin, end)["pixel_values"], expected), (begin, end)
@@ -129,23 +140,19 @@ def test_the_collator_resizes_each_image_once_and_the_pixels_are_the_stock_colla
 def test_a_data_loader_worker_collates_the_resized_images(tiny_model):
     # The recipes collate in data-loader worker processes: the resize happens there, the pixels stay exact.
     rows = noise_rows(NOISE_SIZES)
-    (stock_anchor, _), _ = features(SentenceTransformerDataCollator(tiny_model.preprocess), rows)
     collator = DeferredPixelCollator(tiny_model.preprocess)
     loader = DataLoader(rows, batch_size=len(rows), collate_fn=collator, num_workers=1)
     (anchor, _), _ = SentenceTransformerTrainer.collect_features(None, next(iter(loader)))
     assert all(image.dtype == torch.uint8 for image in anchor[IMAGES])
-    image_processor = tiny_model[0].processor.image_processor
-    assert torch.equal(with_pixels(anchor, image_processor)["pixel_values"], stock_anchor["pixel_values"])
+    assert_the_pixels_are_the_stock_collators(tiny_model, rows, anchor)
 
 
 def test_images_the_processor_composites_are_handed_on_as_they_are(tiny_model):
     # An RGB image with a transparent colour is composited onto white by the processor before it resizes.
     rows = noise_rows(NOISE_SIZES[:2], transparency=True)
-    (stock_anchor, _), _ = features(SentenceTransformerDataCollator(tiny_model.preprocess), rows)
     (anchor, _), _ = features(DeferredPixelCollator(tiny_model.preprocess), rows)
     assert all(isinstance(image, Image.Image) for image in anchor[IMAGES])
-    image_processor = tiny_model[0].processor.image_processor
-    assert torch.equal(with_pixels(anchor, image_processor)["pixel_values"], stock_anchor["pixel_values"])
+    assert_the_pixels_are_the_stock_collators(tiny_model, rows, anchor)
 
 
 @pytest.mark.parametrize(
