@@ -440,7 +440,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     )
     lines = [
         f"Training step (collate + forward + backward, no optimizer), {config['device']} {config['dtype']}, mini "
-        f"mixture, cached mini-batches of "
+        "mixture, cached mini-batches of "
         + (
             f"{config['mini_batch_num_tokens']} tokens (loss chunks of {config['mini_batch_size']} rows)"
             if config.get("mini_batch_num_tokens")

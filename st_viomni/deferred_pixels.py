@@ -113,7 +113,8 @@ def _resizable(image: Any) -> bool:
 
 
 def has_deferred_pixels(feature: dict[str, Any]) -> bool:
-    """Whether a collated column carries decoded images instead of ``pixel_values``."""
+    """Whether a collated column carries its images (resized uint8 tensors or decoded images) instead of
+    ``pixel_values``."""
     return IMAGES in feature
 
 
