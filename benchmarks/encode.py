@@ -605,9 +605,7 @@ def _preset_visual_tokens(preset: str) -> int:
 
 def markdown_table(result: dict[str, Any]) -> str:
     config, machine = result["config"], result["machine"]
-    where = machine["gpu"] or (
-        f"{machine['cpu']}, {machine['cpu_count']} cores, {machine['torch_threads']} torch threads"
-    )
+    where = common.describe_machine(machine)
     lines = [
         f"Encode, `{config['preset']}` ({config['parameters'] / 1e6:.3g} M parameters), "
         f"{config['device']} {config['dtype']}, "

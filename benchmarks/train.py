@@ -435,9 +435,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def markdown_table(result: dict[str, Any]) -> str:
     config, machine = result["config"], result["machine"]
-    where = machine["gpu"] or (
-        f"{machine['cpu']}, {machine['cpu_count']} cores, {machine['torch_threads']} torch threads"
-    )
+    where = common.describe_machine(machine)
     lines = [
         f"Training step (collate + forward + backward, no optimizer), {config['device']} {config['dtype']}, mini "
         "mixture, cached mini-batches of "

@@ -9,8 +9,9 @@ and encodes identically.
 :class:`ViOmniQwen` is that same ``SentenceTransformer`` plus input checks at preprocessing time (errors that
 name the offending input, images normalised to RGB once), cost-planned encode batches
 (:mod:`st_viomni.batching`), Qwen2-VL's patch embedding run as a matrix product
-(:mod:`st_viomni.patch_embedding`) and float32 and bfloat16 linear layers run through oneDNN on CPU, on a
-bounded set of shapes, in inference (:mod:`st_viomni.onednn_linear`). It writes exactly the files a plain
+(:mod:`st_viomni.patch_embedding`), float32 and bfloat16 linear layers run through oneDNN on CPU, on a
+bounded set of shapes, in inference (:mod:`st_viomni.onednn_linear`), and bfloat16 vision attention on CPU as
+chunked matrix products, in inference (:mod:`st_viomni.vision_attention`). It writes exactly the files a plain
 ``SentenceTransformer`` writes.
 """
 
@@ -34,6 +35,7 @@ from .model_card import ViOmniModelCardData
 from .onednn_linear import use_onednn_linear
 from .patch_embedding import use_matmul_patch_embedding
 from .tasks import PREFIXES
+from .vision_attention import use_chunked_vision_attention
 
 
 class ViOmniQwen(SentenceTransformer):
@@ -57,6 +59,7 @@ class ViOmniQwen(SentenceTransformer):
         super().__init__(*args, model_card_data=model_card_data or ViOmniModelCardData(), **kwargs)
         use_matmul_patch_embedding(self)
         use_onednn_linear(self)
+        use_chunked_vision_attention(self)
 
     def _update_default_model_id(self, model_card: str) -> str:
         # The card's usage snippet loads the model with plain SentenceTransformer(...), not with this class.
@@ -81,9 +84,10 @@ class ViOmniQwen(SentenceTransformer):
         ``max_batch_tokens`` padded tokens (None: on CPU, as many as keep a batch's MLP activations within 16
         MiB, with image patches bounded alike; on an accelerator, no bound); each batch is encoded by stock
         sentence-transformers while the next one's images are decoded, and the embeddings come back in input
-        order. Qwen2-VL's patch embedding runs as a matrix product (:mod:`st_viomni.patch_embedding`) and, in
-        float32 and bfloat16 on CPU, linear layers through oneDNN on a bounded set of shapes
-        (:mod:`st_viomni.onednn_linear`). See :mod:`st_viomni.batching`. ``max_padding=None`` batches as stock
+        order. Qwen2-VL's patch embedding runs as a matrix product (:mod:`st_viomni.patch_embedding`), in
+        float32 and bfloat16 on CPU linear layers through oneDNN on a bounded set of shapes
+        (:mod:`st_viomni.onednn_linear`), and in bfloat16 on CPU the vision attention as chunked matrix products
+        (:mod:`st_viomni.vision_attention`). See :mod:`st_viomni.batching`. ``max_padding=None`` batches as stock
         sentence-transformers does. Options the planner does not handle (``output_value`` other than sentence
         embeddings, multi-process ``pool`` or device lists, extra keyword arguments other than
         ``encode_query``/``encode_document``'s ``task``) and inputs it cannot cost (audio, video, URLs,

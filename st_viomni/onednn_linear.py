@@ -150,9 +150,10 @@ def _takes_onednn(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def _onednn_dtype(dtype: torch.dtype) -> bool:
     # bfloat16 only where PyTorch itself would run it through oneDNN (CPUs with AVX-512 or AMX): elsewhere its
     # default path is not oneDNN, and so does not grow per shape.
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and _bfloat16_supported())
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and bfloat16_in_onednn())
 
 
 @functools.cache
-def _bfloat16_supported() -> bool:
+def bfloat16_in_onednn() -> bool:
+    """Whether PyTorch runs bfloat16 CPU products in oneDNN on this CPU (those with AVX-512 or AMX)."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -63,6 +63,27 @@ def test_flop_count_matches_torch_flop_counter_on_a_real_forward(tiny_base):
     assert counted["total"] - causal + full == counter.get_total_flops()
 
 
+def test_machine_record_tells_cpu_generations_and_features_apart():
+    from benchmarks import common
+
+    cpuinfo = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+        "flags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 avx_vnni\n\nprocessor\t: 1\nmodel name\t: other\n"
+    )
+    identity = common.cpu_identity(cpuinfo)
+    assert identity == {"cpu": "AMD EPYC", "cpu_family": 26, "cpu_model": 2, "cpu_features": ["avx2", "avx512f",
+                                                                                              "avx512_bf16"]}
+    machine = {**identity, "cpu_count": 2, "torch_threads": 1, "gpu": None}
+    assert common.describe_machine(machine) == (
+        "AMD EPYC (family 26 model 2; avx2, avx512f, avx512_bf16), 2 cores, 1 torch threads"
+    )
+    assert common.describe_machine({"cpu": "arm64", "cpu_count": 8, "torch_threads": 8, "gpu": None}) == (
+        "arm64, 8 cores, 8 torch threads"
+    )
+    assert common.describe_machine({**machine, "gpu": "NVIDIA H100"}) == "NVIDIA H100"
+    assert {"cpu", "cpu_count", "torch_threads"} <= common.machine_info("cpu").keys()
+
+
 def test_encode_benchmark_at_toy_size(bench_dirs):
     result = encode.run(["--preset", "tiny", "--items", "6", "--warmup-items", "2", "--memory", "inprocess",
                          *TOY, *bench_dirs])

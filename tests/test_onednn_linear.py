@@ -70,7 +70,7 @@ def test_padding_rows_never_change_real_rows(onednn_calls):
     _assert_matches_functional_linear(alone, inputs, weight, bias, "in pieces")
 
 
-@pytest.mark.skipif(not onednn_linear._bfloat16_supported(), reason="this CPU does not run bfloat16 in oneDNN")
+@pytest.mark.skipif(not onednn_linear.bfloat16_in_onednn(), reason="this CPU does not run bfloat16 in oneDNN")
 def test_bfloat16_is_bucketed_too_with_the_outputs_of_functional_linear(onednn_calls):
     # PyTorch runs bfloat16 products through oneDNN at the caller's row count (a new shape, and new generated
     # code, for every new row count); bucketed, oneDNN sees the same bounded row counts as in float32, and the
@@ -90,7 +90,7 @@ def test_bfloat16_is_bucketed_too_with_the_outputs_of_functional_linear(onednn_c
 
 
 def test_bfloat16_takes_functional_linear_where_the_cpu_does_not_run_it_in_onednn(onednn_calls, monkeypatch):
-    monkeypatch.setattr(onednn_linear, "_bfloat16_supported", lambda: False)
+    monkeypatch.setattr(onednn_linear, "bfloat16_in_onednn", lambda: False)
     inputs, weight = torch.randn(3 * G, 40).bfloat16(), torch.randn(6, 40).bfloat16()
     with torch.inference_mode():
         torch.testing.assert_close(linear(inputs, weight), F.linear(inputs, weight), rtol=0, atol=0)
@@ -254,7 +254,7 @@ def test_copies_of_a_viomni_model_keep_their_linear_layers_on_their_own_weights(
         torch.testing.assert_close(torch.as_tensor(duplicate.encode(TEXTS)), expected)
 
 
-@pytest.mark.skipif(not onednn_linear._bfloat16_supported(), reason="this CPU does not run bfloat16 in oneDNN")
+@pytest.mark.skipif(not onednn_linear.bfloat16_in_onednn(), reason="this CPU does not run bfloat16 in oneDNN")
 def test_bfloat16_viomni_models_encode_through_onednn_bitwise_like_plain_sentence_transformers(
     tiny_base, tmp_path, onednn_calls
 ):
