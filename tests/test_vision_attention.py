@@ -129,7 +129,9 @@ def _mkldnn_disabled(module, *inputs, **kwargs):
         ("oneDNN switched off", _mkldnn_disabled, torch.bfloat16, 4, None, {}),
     ],
 )
-def test_everything_else_is_transformers_sdpa(bfloat16_in_onednn, chunked_calls, case, run, dtype, key_heads, mask, kwargs):
+def test_everything_else_is_transformers_sdpa(
+    bfloat16_in_onednn, chunked_calls, case, run, dtype, key_heads, mask, kwargs
+):
     module = torch.nn.Module()
     module.num_key_value_groups = 4 // key_heads
     query, key, value = _inputs(dtype, key_heads)
