@@ -131,12 +131,16 @@ def _bucketed_product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return output[:count] if missing else output
 
 
+def onednn_inference(tensor: torch.Tensor) -> bool:
+    """Whether st-viomni's oneDNN paths may compute ``tensor``: under ``torch.inference_mode()``, on CPU, with
+    oneDNN enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns them off)."""
+    # Inference mode records no graph, so an operator's missing backward cannot drop a gradient; training (the
+    # torch.no_grad() passes of GradCache included) keeps PyTorch's kernels and computes what it always did.
+    return torch.is_inference_mode_enabled() and torch.backends.mkldnn.enabled and tensor.device.type == "cpu"
+
+
 def _takes_onednn(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    # Inference mode records no graph, so the operator's missing backward cannot drop a gradient; training
-    # (the torch.no_grad() passes of GradCache included) keeps PyTorch's kernels.
-    if not torch.is_inference_mode_enabled():
-        return False
-    if not torch.backends.mkldnn.enabled or inputs.device.type != "cpu" or not _onednn_dtype(inputs.dtype):
+    if not onednn_inference(inputs) or not _onednn_dtype(inputs.dtype):
         return False
     # Contiguous tensors only: the operator reads a strided bias as if it were contiguous (wrong outputs, no
     # error), and a strided input would need a copy before the padding copy. Parameters are contiguous, so only

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .onednn_linear import bfloat16_in_onednn
+from .onednn_linear import bfloat16_in_onednn, onednn_inference
 
 CHUNK = 64
 """Queries per product, and the granule of the padded lengths. Over images of 16 to 1024 patches in bfloat16, 64
@@ -137,13 +137,9 @@ def _takes_chunks(
     is_causal: bool | None,
     kwargs: dict[str, Any],
 ) -> bool:
-    # Inference mode only, as the oneDNN linear layers: training (GradCache's no_grad pass included) computes what
-    # it always did.
-    if not torch.is_inference_mode_enabled() or query.device.type != "cpu":
-        return False
     bfloat16 = query.dtype == key.dtype == value.dtype == torch.bfloat16
-    if not (bfloat16 and torch.backends.mkldnn.enabled and bfloat16_in_onednn()):
+    if not (onednn_inference(query) and bfloat16 and bfloat16_in_onednn()):
         return False
     if attention_mask is not None or is_causal or dropout or any(extra is not None for extra in kwargs.values()):
         return False
-    return query.shape[1] == key.shape[1] and query.dim() == 4
+    return query.dim() == 4 and query.shape[1] == key.shape[1]
