@@ -1,4 +1,5 @@
-r"""Qwen2-VL's vision attention in bfloat16 on CPU as chunked matrix products: about twice PyTorch's kernel speed.
+r"""Qwen2-VL's vision attention in bfloat16 on CPU as chunked matrix products, on CPUs without AMX: about twice
+PyTorch's kernel speed there.
 
 Each image's patches attend to each other (no mask, not causal):
 
@@ -7,7 +8,7 @@ Each image's patches attend to each other (no mask, not causal):
     \text{attention}(Q, K, V) = \text{softmax}\!\left(s\, Q K^\top\right) V, \qquad s = d^{-1/2},
     \quad Q, K, V \in \mathbb{R}^{h \times n \times d}
 
-On the benchmark machine (2-core AMD EPYC of family 26, AVX-512 with BF16, no AMX) PyTorch's CPU
+On a 2-core AMD EPYC of family 26, AVX-512 with BF16, no AMX) PyTorch's CPU
 flash-attention kernel runs bfloat16 no faster than float32, while bfloat16 matrix products run at twice the
 float32 speed: for a 1024-patch image (one thread, 16 heads of 80) the kernel took 56 ms in bfloat16 and 54 ms in
 float32, and :func:`chunked_attention` takes 23 ms. It runs ``Q K^T`` and the product with ``V`` as bfloat16
@@ -22,11 +23,15 @@ queries and keys are padded with zero rows to a multiple of :data:`CHUNK` (the s
 to minus infinity, so they get exactly zero weight, and padded queries are sliced off): oneDNN sees one shape
 per 64 patches of the longest image, and the same 300 images grew the process by 45 MiB, at the same speed.
 
+**Not on CPUs with AMX.** On a 2-core Intel Xeon with AMX tiles (family 6 model 167) the kernel runs bfloat16 at
+twice its float32 speed, and twice the chunked products' (1024 patches: 15 ms kernel, 33 ms chunked at two
+threads; 30 and 66 ms at one), so :func:`chunks_beat_the_kernel` is false there and the kernel is kept.
+
 **Where it applies.** :func:`use_chunked_vision_attention` (called by ``ViOmniQwen``) switches the vision
 tower's attention from ``"sdpa"`` to :data:`ATTENTION_NAME`, a transformers attention function that takes the
 chunked path only under ``torch.inference_mode()`` (``encode`` and every evaluator), for bfloat16 CPU tensors
-where PyTorch runs bfloat16 products in oneDNN, without mask, causality or dropout; everything else (training,
-float32, CUDA) is transformers' ``sdpa_attention_forward`` as before. The text model keeps ``"sdpa"``.
+on a CPU where :func:`chunks_beat_the_kernel`, without mask, causality or dropout; everything else (training,
+float32, CUDA, CPUs with AMX) is transformers' ``sdpa_attention_forward`` as before. The text model keeps ``"sdpa"``.
 Outputs differ from the kernel's by bfloat16 rounding (the probabilities are rounded to bfloat16 before the
 product with ``V``). Nothing saved changes: transformers does not save the attention implementation, so a
 saved model loads with plain ``SentenceTransformer(path)`` and uses ``"sdpa"``.
@@ -42,6 +47,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -112,6 +118,14 @@ def attention_forward(
 AttentionInterface.register(ATTENTION_NAME, attention_forward)
 
 
+@functools.cache
+def chunks_beat_the_kernel() -> bool:
+    """Whether this CPU runs bfloat16 products in oneDNN (:func:`~st_viomni.onednn_linear.bfloat16_in_onednn`)
+    and has no AMX tiles: where it has them, PyTorch's attention kernel is the faster (module docstring)."""
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return bfloat16_in_onednn() and not has_amx()
+
+
 def use_chunked_vision_attention(model: torch.nn.Module) -> int:
     """Switch every Qwen2-VL vision tower inside ``model`` that uses ``"sdpa"`` to :data:`ATTENTION_NAME`; return
     how many. Towers loaded with another implementation (``"eager"``, flash attention) keep it. Idempotent."""
@@ -138,7 +152,7 @@ def _takes_chunks(
     kwargs: dict[str, Any],
 ) -> bool:
     bfloat16 = query.dtype == key.dtype == value.dtype == torch.bfloat16
-    if not (onednn_inference(query) and bfloat16 and bfloat16_in_onednn()):
+    if not (onednn_inference(query) and bfloat16 and chunks_beat_the_kernel()):
         return False
     if attention_mask is not None or is_causal or dropout or any(extra is not None for extra in kwargs.values()):
         return False

@@ -2,6 +2,7 @@
 every chunk boundary, products on lengths in multiples of the chunk, taken only where it applies, on the vision
 tower only, with nothing saved changed."""
 
+import contextlib
 import random
 
 import pytest
@@ -68,10 +69,10 @@ def test_products_only_ever_see_lengths_in_multiples_of_the_chunk(monkeypatch):
 
 
 @pytest.fixture
-def bfloat16_in_onednn(monkeypatch):
-    # The chunked path runs on any CPU; where PyTorch does not run bfloat16 in oneDNN it is not taken (last test
-    # of the dispatch below), so the tests that need it say the CPU does.
-    monkeypatch.setattr(vision_attention, "bfloat16_in_onednn", lambda: True)
+def chunks_beat_the_kernel(monkeypatch):
+    # The chunked path runs on any CPU; where it is slower than the kernel it is not taken (the CPU tests after the
+    # dispatch's), so the tests that need it say the CPU is one where it is faster.
+    monkeypatch.setattr(vision_attention, "chunks_beat_the_kernel", lambda: True)
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def _inputs(dtype=torch.bfloat16, key_heads=4):
     return query, torch.randn(1, key_heads, 70, 16, dtype=dtype), torch.randn(1, key_heads, 70, 16, dtype=dtype)
 
 
-def test_takes_the_chunks_for_bfloat16_cpu_inference_without_mask(bfloat16_in_onednn, chunked_calls):
+def test_takes_the_chunks_for_bfloat16_cpu_inference_without_mask(chunks_beat_the_kernel, chunked_calls):
     module = torch.nn.Module()
     query, key, value = _inputs()
     with torch.inference_mode():
@@ -101,19 +102,19 @@ def test_takes_the_chunks_for_bfloat16_cpu_inference_without_mask(bfloat16_in_on
     torch.testing.assert_close(output, chunked_attention(query, key, value, 0.25), rtol=0, atol=0)
 
 
-def _no_grad_pass(module, *inputs, **kwargs):
-    with torch.no_grad():  # GradCache's first pass: not inference mode
-        return attention_forward(module, *inputs, **kwargs)
+def _no_grad_pass():
+    return torch.no_grad()  # GradCache's first pass: not inference mode
 
 
-def _inference(module, *inputs, **kwargs):
-    with torch.inference_mode():
-        return attention_forward(module, *inputs, **kwargs)
+def _inference():
+    return torch.inference_mode()
 
 
-def _mkldnn_disabled(module, *inputs, **kwargs):
+@contextlib.contextmanager
+def _mkldnn_disabled():
+    # sdpa's own kernels also change with oneDNN switched off (on CPUs with AMX), so the reference runs under it too.
     with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=False):
-        return attention_forward(module, *inputs, **kwargs)
+        yield
 
 
 @pytest.mark.parametrize(
@@ -130,7 +131,7 @@ def _mkldnn_disabled(module, *inputs, **kwargs):
     ],
 )
 def test_everything_else_is_transformers_sdpa(
-    bfloat16_in_onednn, chunked_calls, case, run, dtype, key_heads, mask, kwargs
+    chunks_beat_the_kernel, chunked_calls, case, run, dtype, key_heads, mask, kwargs
 ):
     module = torch.nn.Module()
     module.num_key_value_groups = 4 // key_heads
@@ -138,20 +139,38 @@ def test_everything_else_is_transformers_sdpa(
     kwargs = {"scaling": 0.25, "is_causal": False, **kwargs}
     if "position_bias" in kwargs:
         kwargs["position_bias"] = kwargs["position_bias"].to(dtype)
-    torch.manual_seed(1)  # the same dropout
-    output, _ = run(module, query, key, value, mask, **kwargs)
-    torch.manual_seed(1)
-    with torch.inference_mode():
+    with run():
+        torch.manual_seed(1)  # the same dropout
+        output, _ = attention_forward(module, query, key, value, mask, **kwargs)
+        torch.manual_seed(1)
         expected, _ = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     torch.testing.assert_close(output, expected, rtol=0, atol=0, msg=case)
     assert chunked_calls == [], case
 
 
-def test_bfloat16_keeps_the_kernel_where_the_cpu_does_not_run_it_in_onednn(monkeypatch, chunked_calls):
-    monkeypatch.setattr(vision_attention, "bfloat16_in_onednn", lambda: False)
+@pytest.mark.parametrize(
+    ("bfloat16_in_onednn", "amx_tiles", "chunks"),
+    [(True, False, True), (True, True, False), (False, False, False), (False, True, False)],
+)
+def test_chunks_only_on_cpus_that_run_bfloat16_in_onednn_without_amx(
+    monkeypatch, bfloat16_in_onednn, amx_tiles, chunks
+):
+    monkeypatch.setattr(vision_attention, "bfloat16_in_onednn", lambda: bfloat16_in_onednn)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx_tiles)
+    vision_attention.chunks_beat_the_kernel.cache_clear()
+    try:
+        assert vision_attention.chunks_beat_the_kernel() is chunks
+    finally:
+        vision_attention.chunks_beat_the_kernel.cache_clear()  # this CPU's answer again for the other tests
+
+
+def test_bfloat16_keeps_the_kernel_where_it_beats_the_chunks(monkeypatch, chunked_calls):
+    monkeypatch.setattr(vision_attention, "chunks_beat_the_kernel", lambda: False)
     with torch.inference_mode():
-        attention_forward(torch.nn.Module(), *_inputs(), None, scaling=0.25, is_causal=False)
+        output, _ = attention_forward(torch.nn.Module(), *_inputs(), None, scaling=0.25, is_causal=False)
+        expected, _ = sdpa_attention_forward(torch.nn.Module(), *_inputs(), None, scaling=0.25, is_causal=False)
     assert chunked_calls == []
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
 
 
 def _implementations(model):
@@ -181,7 +200,7 @@ def _images():
 
 
 def test_bfloat16_encode_takes_the_chunks_close_to_the_kernel_and_float32_is_unchanged(
-    tiny_base, bfloat16_in_onednn, chunked_calls
+    tiny_base, chunks_beat_the_kernel, chunked_calls
 ):
     model = build_model(tiny_base, embedding_dim=32)
     vision_config = model[0].model.config.vision_config
