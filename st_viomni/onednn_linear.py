@@ -2,14 +2,17 @@ r"""Float32 and bfloat16 linear layers through oneDNN on CPU, on a bounded set o
 
 PyTorch runs a float32 ``nn.Linear`` on CPU as a BLAS ``sgemm`` (MKL in the PyPI wheels) and a bfloat16 one
 through oneDNN. For float32, oneDNN's own kernel (``torch.ops.mkldnn._linear_pointwise``, the operator
-PyTorch's compiler emits for CPU linear layers) is faster on the benchmark machine (2-core AMD EPYC with
-AVX-512): on the shapes of Qwen2-VL-2B's layers,
+PyTorch's compiler emits for CPU linear layers) is faster on a 2-core AMD EPYC with
+AVX-512: on the shapes of Qwen2-VL-2B's layers,
 
 .. math::
 
     y = x W^\top + b, \qquad x \in \mathbb{R}^{m \times k},\; W \in \mathbb{R}^{n \times k},
 
-it reached 181-214 GFLOP/s where ``sgemm`` reached 107-194 (m = 100-1600 rows, 2 threads).
+it reached 181-214 GFLOP/s where ``sgemm`` reached 107-194 (m = 100-1600 rows, 2 threads). Not so on Intel
+CPUs, whose MKL runs its own fastest code: on a 2-core Intel Xeon (family 6 model 167) an fp32 encode pass of
+``proxy-2b`` took 13.2 s with ``sgemm`` and 18.7 s through this module (medians of 4 alternating passes), so
+float32 keeps ``sgemm`` there (:func:`float32_in_onednn`).
 
 **Why the shapes are bounded.** oneDNN keeps memory for every new problem shape it sees (generated code and
 cached primitives with their buffers): about 0.7 MiB per new row count ``m`` for a fixed weight, with no
@@ -28,8 +31,8 @@ a bfloat16 CPU process would otherwise grow without bound in the same way; throu
 are bitwise those of ``torch.nn.functional.linear``, at the same speed.
 
 **Inference only.** :func:`linear` takes the operator only under ``torch.inference_mode()``, which
-``SentenceTransformer.encode`` (and so every evaluator) runs in, for CPU tensors of one dtype, float32 or
-bfloat16 (where the CPU runs bfloat16 in oneDNN), with a contiguous input, weight and bias, oneDNN enabled
+``SentenceTransformer.encode`` (and so every evaluator) runs in, for CPU tensors of one dtype, float32 (on
+CPUs other than Intel's) or bfloat16 (where the CPU runs bfloat16 in oneDNN), with a contiguous input, weight and bias, oneDNN enabled
 (``torch.backends.mkldnn.flags(enabled=False)`` turns it off) and at least :data:`MIN_ROWS` rows. Everything
 else is ``torch.nn.functional.linear``, as in stock PyTorch: CUDA, other dtypes, and all of training,
 ``torch.no_grad()`` passes included. The operator has no autograd formula (on a tensor that requires a gradient
@@ -46,13 +49,14 @@ Example::
     model = torch.nn.Sequential(torch.nn.Linear(1536, 8960), torch.nn.SiLU(), torch.nn.Linear(8960, 1536))
     use_onednn_linear(model)  # 2: both layers switched
     with torch.inference_mode():
-        embeddings = model(torch.randn(300, 1536))  # through oneDNN, as 256 + 48 rows
+        embeddings = model(torch.randn(300, 1536))  # through oneDNN, as 256 + 48 rows (sgemm on Intel CPUs)
     model(torch.randn(8, 1536, requires_grad=True)).sum().backward()  # through sgemm, with gradients
 """
 
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -153,8 +157,31 @@ def _takes_onednn(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def _onednn_dtype(dtype: torch.dtype) -> bool:
     # bfloat16 only where PyTorch itself would run it through oneDNN (CPUs with AVX-512 or AMX): elsewhere its
-    # default path is not oneDNN, and so does not grow per shape.
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and bfloat16_in_onednn())
+    # default path is not oneDNN, and so does not grow per shape. float32 takes oneDNN for speed alone.
+    if dtype == torch.float32:
+        return float32_in_onednn()
+    return dtype == torch.bfloat16 and bfloat16_in_onednn()
+
+
+@functools.cache
+def float32_in_onednn() -> bool:
+    """Whether float32 products take oneDNN: on every CPU but Intel's, where MKL's ``sgemm`` (PyTorch's default)
+    is the faster kernel (module docstring)."""
+    return not is_intel_cpu(_cpu_description())
+
+
+def is_intel_cpu(description: str) -> bool:
+    """Whether ``description`` (``/proc/cpuinfo``, or ``platform.processor()`` where there is none) is an Intel
+    CPU's."""
+    return "GenuineIntel" in description
+
+
+def _cpu_description() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            return cpuinfo.read()
+    except OSError:
+        return platform.processor()
 
 
 @functools.cache

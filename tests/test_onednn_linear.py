@@ -22,7 +22,9 @@ G, C = ROW_GRANULE, CHUNK_ROWS
 
 @pytest.fixture
 def onednn_calls(monkeypatch):
-    """Records (input shape, weight shape, has bias) of every call of the oneDNN operator (and still runs it)."""
+    """Records (input shape, weight shape, has bias) of every call of the oneDNN operator (and still runs it), on a
+    CPU where float32 takes oneDNN (on Intel's it keeps sgemm: the tests of that rule say so)."""
+    monkeypatch.setattr(onednn_linear, "float32_in_onednn", lambda: True)
     operator = torch.ops.mkldnn._linear_pointwise
     calls = []
 
@@ -96,6 +98,31 @@ def test_bfloat16_takes_functional_linear_where_the_cpu_does_not_run_it_in_onedn
         torch.testing.assert_close(linear(inputs, weight), F.linear(inputs, weight), rtol=0, atol=0)
         linear(inputs.float(), weight.float())
     assert [weight_shape for _, weight_shape, _ in onednn_calls] == [(6, 40)]  # the float32 call only
+
+
+def test_float32_keeps_sgemm_on_intel_cpus_and_bfloat16_stays_bounded(onednn_calls, monkeypatch):
+    monkeypatch.setattr(onednn_linear, "float32_in_onednn", lambda: False)
+    torch.manual_seed(0)
+    weight, bias, inputs = torch.randn(48, 32), torch.randn(48), torch.randn(70, 32)
+    with torch.inference_mode():
+        assert torch.equal(linear(inputs, weight, bias), F.linear(inputs, weight, bias))
+        assert onednn_calls == []
+        if onednn_linear.bfloat16_in_onednn():
+            linear(inputs.bfloat16(), weight.bfloat16(), bias.bfloat16())
+            assert onednn_calls == [((80, 32), (48, 32), True)]
+
+
+@pytest.mark.parametrize(
+    ("description", "intel"),
+    [
+        ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n", True),
+        ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n", False),
+        ("Intel64 Family 6 Model 143 Stepping 8, GenuineIntel", True),  # platform.processor() on Windows
+        ("", False),
+    ],
+)
+def test_intel_cpus_are_told_apart_by_their_vendor(description, intel):
+    assert onednn_linear.is_intel_cpu(description) is intel
 
 
 def test_3d_inputs(onednn_calls):
