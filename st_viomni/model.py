@@ -9,10 +9,10 @@ and encodes identically.
 :class:`ViOmniQwen` is that same ``SentenceTransformer`` plus input checks at preprocessing time (errors that
 name the offending input, images normalised to RGB once), cost-planned encode batches
 (:mod:`st_viomni.batching`), Qwen2-VL's patch embedding run as a matrix product
-(:mod:`st_viomni.patch_embedding`), float32 and bfloat16 linear layers run through oneDNN on CPU, on a
-bounded set of shapes, in inference (:mod:`st_viomni.onednn_linear`), and bfloat16 vision attention on CPU as
-chunked matrix products, in inference (:mod:`st_viomni.vision_attention`). It writes exactly the files a plain
-``SentenceTransformer`` writes.
+(:mod:`st_viomni.patch_embedding`), bfloat16 linear layers, and float32 ones except on Intel CPUs, run through
+oneDNN on CPU, on a bounded set of shapes, in inference (:mod:`st_viomni.onednn_linear`), and bfloat16 vision
+attention on CPUs without AMX as chunked matrix products, in inference (:mod:`st_viomni.vision_attention`). It
+writes exactly the files a plain ``SentenceTransformer`` writes.
 """
 
 from __future__ import annotations
@@ -84,14 +84,14 @@ class ViOmniQwen(SentenceTransformer):
         ``max_batch_tokens`` padded tokens (None: on CPU, as many as keep a batch's MLP activations within 16
         MiB, with image patches bounded alike; on an accelerator, no bound); each batch is encoded by stock
         sentence-transformers while the next one's images are decoded, and the embeddings come back in input
-        order. Qwen2-VL's patch embedding runs as a matrix product (:mod:`st_viomni.patch_embedding`), in
-        float32 and bfloat16 on CPU linear layers through oneDNN on a bounded set of shapes
-        (:mod:`st_viomni.onednn_linear`), and in bfloat16 on CPU the vision attention as chunked matrix products
-        (:mod:`st_viomni.vision_attention`). See :mod:`st_viomni.batching`. ``max_padding=None`` batches as stock
-        sentence-transformers does. Options the planner does not handle (``output_value`` other than sentence
-        embeddings, multi-process ``pool`` or device lists, extra keyword arguments other than
-        ``encode_query``/``encode_document``'s ``task``) and inputs it cannot cost (audio, video, URLs,
-        conversations mixed with other inputs) take the stock path.
+        order. Qwen2-VL's patch embedding runs as a matrix product (:mod:`st_viomni.patch_embedding`), on CPU
+        the bfloat16 linear layers, and the float32 ones except on Intel CPUs, through oneDNN on a bounded set of
+        shapes (:mod:`st_viomni.onednn_linear`), and in bfloat16 on CPUs without AMX the vision attention as
+        chunked matrix products (:mod:`st_viomni.vision_attention`). See :mod:`st_viomni.batching`.
+        ``max_padding=None`` batches as stock sentence-transformers does. Options the planner does not handle
+        (``output_value`` other than sentence embeddings, multi-process ``pool`` or device lists, extra keyword
+        arguments other than ``encode_query``/``encode_document``'s ``task``) and inputs it cannot cost (audio,
+        video, URLs, conversations mixed with other inputs) take the stock path.
         """
         several = isinstance(inputs, (list, tuple)) and not is_conversation(inputs)
         if several and len(inputs) > 1 and max_padding is not None:

@@ -2,17 +2,18 @@ r"""Float32 and bfloat16 linear layers through oneDNN on CPU, on a bounded set o
 
 PyTorch runs a float32 ``nn.Linear`` on CPU as a BLAS ``sgemm`` (MKL in the PyPI wheels) and a bfloat16 one
 through oneDNN. For float32, oneDNN's own kernel (``torch.ops.mkldnn._linear_pointwise``, the operator
-PyTorch's compiler emits for CPU linear layers) is faster on a 2-core AMD EPYC with
-AVX-512: on the shapes of Qwen2-VL-2B's layers,
+PyTorch's compiler emits for CPU linear layers) is faster on a 2-core AMD EPYC with AVX-512: on the shapes of
+Qwen2-VL-2B's layers,
 
 .. math::
 
     y = x W^\top + b, \qquad x \in \mathbb{R}^{m \times k},\; W \in \mathbb{R}^{n \times k},
 
 it reached 181-214 GFLOP/s where ``sgemm`` reached 107-194 (m = 100-1600 rows, 2 threads). Not so on Intel
-CPUs, whose MKL runs its own fastest code: on a 2-core Intel Xeon (family 6 model 167) an fp32 encode pass of
-``proxy-2b`` took 13.2 s with ``sgemm`` and 18.7 s through this module (medians of 4 alternating passes), so
-float32 keeps ``sgemm`` there (:func:`float32_in_onednn`).
+CPUs, whose MKL runs its own fastest code: on a 2-core Intel Xeon (family 6 model 167) fp32 encode passes of
+``proxy-2b`` took 13.2 s with ``sgemm`` and 18.7 s through this module on 24 items, 25.6 and 28.1 s on 48
+(medians of alternating passes, every pair the same way), so float32 keeps ``sgemm`` there
+(:func:`float32_in_onednn`).
 
 **Why the shapes are bounded.** oneDNN keeps memory for every new problem shape it sees (generated code and
 cached primitives with their buffers): about 0.7 MiB per new row count ``m`` for a fixed weight, with no
@@ -32,14 +33,14 @@ are bitwise those of ``torch.nn.functional.linear``, at the same speed.
 
 **Inference only.** :func:`linear` takes the operator only under ``torch.inference_mode()``, which
 ``SentenceTransformer.encode`` (and so every evaluator) runs in, for CPU tensors of one dtype, float32 (on
-CPUs other than Intel's) or bfloat16 (where the CPU runs bfloat16 in oneDNN), with a contiguous input, weight and bias, oneDNN enabled
-(``torch.backends.mkldnn.flags(enabled=False)`` turns it off) and at least :data:`MIN_ROWS` rows. Everything
-else is ``torch.nn.functional.linear``, as in stock PyTorch: CUDA, other dtypes, and all of training,
-``torch.no_grad()`` passes included. The operator has no autograd formula (on a tensor that requires a gradient
-its result's backward silently drops that gradient), and keeping training on PyTorch's kernels means that
-GradCache's gradient-free first pass and its recomputation with gradients compute the same embeddings, and
-that a training process keeps no generated oneDNN code beyond what its evaluators' ``encode`` calls bring.
-Float32 outputs agree with ``sgemm``'s to float rounding (summation order), and nothing saved changes.
+CPUs other than Intel's) or bfloat16 (where the CPU runs bfloat16 in oneDNN), with a contiguous input, weight
+and bias, oneDNN enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it off) and at least
+:data:`MIN_ROWS` rows. Everything else is ``torch.nn.functional.linear``, as in stock PyTorch: CUDA, other dtypes, and
+all of training, ``torch.no_grad()`` passes included. The operator has no autograd formula (on a tensor that requires a
+gradient its result's backward silently drops that gradient), and keeping training on PyTorch's kernels means that
+GradCache's gradient-free first pass and its recomputation with gradients compute the same embeddings, and that a
+training process keeps no generated oneDNN code beyond what its evaluators' ``encode`` calls bring. Float32 outputs
+agree with ``sgemm``'s to float rounding (summation order), and nothing saved changes.
 
 Example::
 

@@ -8,7 +8,7 @@ Each image's patches attend to each other (no mask, not causal):
     \text{attention}(Q, K, V) = \text{softmax}\!\left(s\, Q K^\top\right) V, \qquad s = d^{-1/2},
     \quad Q, K, V \in \mathbb{R}^{h \times n \times d}
 
-On a 2-core AMD EPYC of family 26, AVX-512 with BF16, no AMX) PyTorch's CPU
+On a 2-core AMD EPYC of family 26 (AVX-512 with BF16, no AMX) PyTorch's CPU
 flash-attention kernel runs bfloat16 no faster than float32, while bfloat16 matrix products run at twice the
 float32 speed: for a 1024-patch image (one thread, 16 heads of 80) the kernel took 56 ms in bfloat16 and 54 ms in
 float32, and :func:`chunked_attention` takes 23 ms. It runs ``Q K^T`` and the product with ``V`` as bfloat16
@@ -31,7 +31,8 @@ threads; 30 and 66 ms at one), so :func:`chunks_beat_the_kernel` is false there 
 tower's attention from ``"sdpa"`` to :data:`ATTENTION_NAME`, a transformers attention function that takes the
 chunked path only under ``torch.inference_mode()`` (``encode`` and every evaluator), for bfloat16 CPU tensors
 on a CPU where :func:`chunks_beat_the_kernel`, without mask, causality or dropout; everything else (training,
-float32, CUDA, CPUs with AMX) is transformers' ``sdpa_attention_forward`` as before. The text model keeps ``"sdpa"``.
+float32, CUDA, CPUs with AMX) is transformers' ``sdpa_attention_forward`` as before. The text model keeps
+``"sdpa"``.
 Outputs differ from the kernel's by bfloat16 rounding (the probabilities are rounded to bfloat16 before the
 product with ``V``). Nothing saved changes: transformers does not save the attention implementation, so a
 saved model loads with plain ``SentenceTransformer(path)`` and uses ``"sdpa"``.
