@@ -32,15 +32,15 @@ a bfloat16 CPU process would otherwise grow without bound in the same way; throu
 are bitwise those of ``torch.nn.functional.linear``, at the same speed.
 
 **Inference only.** :func:`linear` takes the operator only under ``torch.inference_mode()``, which
-``SentenceTransformer.encode`` (and so every evaluator) runs in, for CPU tensors of one dtype, float32 (on
-CPUs other than Intel's) or bfloat16 (where the CPU runs bfloat16 in oneDNN), with a contiguous input, weight
-and bias, oneDNN enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it off) and at least
-:data:`MIN_ROWS` rows. Everything else is ``torch.nn.functional.linear``, as in stock PyTorch: CUDA, other dtypes, and
-all of training, ``torch.no_grad()`` passes included. The operator has no autograd formula (on a tensor that requires a
-gradient its result's backward silently drops that gradient), and keeping training on PyTorch's kernels means that
-GradCache's gradient-free first pass and its recomputation with gradients compute the same embeddings, and that a
-training process keeps no generated oneDNN code beyond what its evaluators' ``encode`` calls bring. Float32 outputs
-agree with ``sgemm``'s to float rounding (summation order), and nothing saved changes.
+``SentenceTransformer.encode`` (and so every evaluator) runs in, for CPU tensors of one dtype, float32 (on CPUs
+other than Intel's) or bfloat16 (where the CPU runs bfloat16 in oneDNN), with a contiguous input, weight and
+bias, oneDNN enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it off) and at least :data:`MIN_ROWS`
+rows. Everything else is ``torch.nn.functional.linear``, as in stock PyTorch: CUDA, other dtypes, and all of
+training, ``torch.no_grad()`` passes included. The operator has no autograd formula (on a tensor that requires a
+gradient its result's backward silently drops that gradient), and keeping training on PyTorch's kernels means
+that GradCache's gradient-free first pass and its recomputation with gradients compute the same embeddings, and
+that a training process keeps no generated oneDNN code beyond what its evaluators' ``encode`` calls bring.
+Float32 outputs agree with ``sgemm``'s to float rounding (summation order), and nothing saved changes.
 
 Example::
 

@@ -27,15 +27,14 @@ per 64 patches of the longest image, and the same 300 images grew the process by
 twice its float32 speed, and twice the chunked products' (1024 patches: 15 ms kernel, 33 ms chunked at two
 threads; 30 and 66 ms at one), so :func:`chunks_beat_the_kernel` is false there and the kernel is kept.
 
-**Where it applies.** :func:`use_chunked_vision_attention` (called by ``ViOmniQwen``) switches the vision
-tower's attention from ``"sdpa"`` to :data:`ATTENTION_NAME`, a transformers attention function that takes the
-chunked path only under ``torch.inference_mode()`` (``encode`` and every evaluator), for bfloat16 CPU tensors
-on a CPU where :func:`chunks_beat_the_kernel`, without mask, causality or dropout; everything else (training,
-float32, CUDA, CPUs with AMX) is transformers' ``sdpa_attention_forward`` as before. The text model keeps
-``"sdpa"``.
-Outputs differ from the kernel's by bfloat16 rounding (the probabilities are rounded to bfloat16 before the
-product with ``V``). Nothing saved changes: transformers does not save the attention implementation, so a
-saved model loads with plain ``SentenceTransformer(path)`` and uses ``"sdpa"``.
+**Where it applies.** :func:`use_chunked_vision_attention` (called by ``ViOmniQwen``) switches the vision tower's
+attention from ``"sdpa"`` to :data:`ATTENTION_NAME`, a transformers attention function that takes the chunked
+path only under ``torch.inference_mode()`` (``encode`` and every evaluator), for bfloat16 CPU tensors where
+:func:`chunks_beat_the_kernel` says the CPU suits them, without mask, causality or dropout; everything else
+(training, float32, CUDA, CPUs with AMX) is transformers' ``sdpa_attention_forward`` as before. The text model
+keeps ``"sdpa"``. Outputs differ from the kernel's by bfloat16 rounding (the probabilities are rounded to
+bfloat16 before the product with ``V``). Nothing saved changes: transformers does not save the attention
+implementation, so a saved model loads with plain ``SentenceTransformer(path)`` and uses ``"sdpa"``.
 
 Example::
 
