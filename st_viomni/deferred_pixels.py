@@ -10,7 +10,8 @@ activations, is what runs out of memory.
 image grids: everything the mini-batching needs, ``mini_batch_num_tokens`` included) but computes each
 image's grid from its size alone, and hands the images on instead of ``pixel_values``: RGB images resized
 once, here, as the image processor would (:func:`resized`: uint8, 3 bytes per pixel at the model's
-resolution, usually less than the decoded photo), other images as they are.
+resolution, usually less than the decoded photo; an image already at that size is handed on itself, not
+copied), other images as they are.
 :class:`~st_viomni.losses.CachedPrefixRoutedLoss` then turns the images of one mini-batch into
 ``pixel_values`` right before embedding it (:func:`with_pixels`), so the float32 pixels of a step are those of
 one mini-batch; :class:`~st_viomni.losses.PrefixRoutedLoss` turns the whole batch's at once. Pixels are
@@ -94,13 +95,19 @@ def image_grid(image: Any, image_processor: Any) -> list[int]:
     return [1, rows, columns]
 
 
-def resized(image: Image.Image, image_processor: Any) -> torch.Tensor:
+def resized(image: Image.Image, image_processor: Any) -> Image.Image | torch.Tensor:
     """An RGB image as Qwen2-VL's image processor resizes it: uint8, channels first, sides multiples of the
-    patch size times the merge size (28 for Qwen2-VL-2B).
+    patch size times the merge size (28 for Qwen2-VL-2B); the image itself where it already has that size.
 
     What the processor computes next (rescale, normalise, patchify) from this tensor, called with
     ``do_resize=False``, is bitwise what it computes from the image; the resize is the costly step (16 of the
-    19 ms of a 2000x1500 photo), and the tensor is smaller than the decoded photo it replaces."""
+    19 ms of a 2000x1500 photo), and the tensor is smaller than the decoded photo it replaces. An image already
+    at the model's size (rendered or synthetic data) is not copied: a copy would double what an in-memory
+    dataset's batch holds (``benchmarks/NOTES.md``, training memory, item 10); :func:`with_pixels` makes its
+    tensor per mini-batch."""
+    rows, columns = PixelBudget.of(image_processor).grid(*image.size)
+    if (columns * image_processor.patch_size, rows * image_processor.patch_size) == image.size:
+        return image
     pixels = pil_to_tensor(image)[None]
     factor = image_processor.patch_size * image_processor.merge_size
     size, resample = image_processor.size, image_processor.resample
@@ -148,7 +155,10 @@ def with_pixels(
     if first == last:  # a text-only mini-batch
         return mini_batch
     grids = feature["image_grid_thw"][first:last]
-    processed = image_processor(images[first:last], **{**image_kwargs, "return_tensors": "pt"})
+    batch_images = images[first:last]
+    if image_kwargs.get("do_resize") is False:  # resized by the collator; those already at size are still PIL
+        batch_images = [pil_to_tensor(image) if isinstance(image, Image.Image) else image for image in batch_images]
+    processed = image_processor(batch_images, **{**image_kwargs, "return_tensors": "pt"})
     if not torch.equal(processed["image_grid_thw"].to(grids.device), grids):
         raise RuntimeError(
             f"images {first}..{last - 1} of the batch: the image processor gave grids "

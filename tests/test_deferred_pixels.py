@@ -123,13 +123,28 @@ def assert_the_pixels_are_the_stock_collators(model, rows, anchor) -> dict:
     return stock_anchor
 
 
+def row_images(rows) -> list[Image.Image]:
+    return [image for row in rows for image in row["anchor"]["image"]]
+
+
+def assert_resized_or_shared(anchor, rows, image_processor) -> None:
+    """Each image the collator hands on is the uint8 tensor of its resize, or, where it already has the
+    model's size, the row's own image (no copy)."""
+    patch = image_processor.patch_size
+    grids = anchor["image_grid_thw"].tolist()
+    for image, original, (_, grid_rows, grid_columns) in zip(anchor[IMAGES], row_images(rows), grids, strict=True):
+        if original.size == (grid_columns * patch, grid_rows * patch):
+            assert image is original
+        else:
+            assert image.dtype == torch.uint8 and tuple(image.shape) == (3, grid_rows * patch, grid_columns * patch)
+
+
 def test_the_collator_resizes_each_image_once_and_the_pixels_are_the_stock_collators_bitwise(tiny_model):
     rows = noise_rows(NOISE_SIZES)
     (anchor, _), _ = features(DeferredPixelCollator(tiny_model.preprocess), rows)
     image_processor = tiny_model[0].processor.image_processor
-    for image, (_, grid_rows, grid_columns) in zip(anchor[IMAGES], anchor["image_grid_thw"].tolist()):
-        patch = image_processor.patch_size
-        assert image.dtype == torch.uint8 and tuple(image.shape) == (3, grid_rows * patch, grid_columns * patch)
+    assert_resized_or_shared(anchor, rows, image_processor)
+    assert sum(isinstance(image, Image.Image) for image in anchor[IMAGES]) == 1  # the 112x56 image is kept
 
     stock_anchor = assert_the_pixels_are_the_stock_collators(tiny_model, rows, anchor)
     for begin, end in [(0, 2), (2, 5), (4, 5)]:
@@ -143,7 +158,8 @@ def test_a_data_loader_worker_collates_the_resized_images(tiny_model):
     collator = DeferredPixelCollator(tiny_model.preprocess)
     loader = DataLoader(rows, batch_size=len(rows), collate_fn=collator, num_workers=1)
     (anchor, _), _ = SentenceTransformerTrainer.collect_features(None, next(iter(loader)))
-    assert all(image.dtype == torch.uint8 for image in anchor[IMAGES])
+    resized = [image for image in anchor[IMAGES] if isinstance(image, torch.Tensor)]
+    assert len(resized) == len(NOISE_SIZES) - 1 and all(image.dtype == torch.uint8 for image in resized)
     assert_the_pixels_are_the_stock_collators(tiny_model, rows, anchor)
 
 
