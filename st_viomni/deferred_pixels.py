@@ -105,7 +105,7 @@ def resized(image: Image.Image, image_processor: Any) -> Image.Image | torch.Ten
     at the model's size (rendered or synthetic data) is not copied: a copy would double what an in-memory
     dataset's batch holds (``benchmarks/NOTES.md``, training memory, item 10); :func:`with_pixels` makes its
     tensor per mini-batch."""
-    rows, columns = PixelBudget.of(image_processor).grid(*image.size)
+    _, rows, columns = image_grid(image, image_processor)
     if (columns * image_processor.patch_size, rows * image_processor.patch_size) == image.size:
         return image
     pixels = pil_to_tensor(image)[None]
