@@ -26,7 +26,6 @@ does not know (audio, video, URLs, text pairs, ...) make ``encode`` fall back to
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -36,7 +35,8 @@ from typing import Any
 
 from PIL import Image
 
-from .inputs import IMAGE_EXTENSIONS, check_inputs, is_conversation, is_image_path
+from .formatting import image_size
+from .inputs import caller_indices, check_inputs, is_conversation, is_image_path, is_image_url
 
 DEFAULT_MAX_PADDING = 0.05
 """Largest fraction of padding tokens allowed in one planned batch."""
@@ -55,10 +55,6 @@ unbounded batches of 8 large images: 860,000 faults and 13% longer; ``benchmarks
 PREFETCH = True
 """Decode the next batch's images in a background thread while the current batch is encoded (False: decode
 each batch in the calling thread, just before encoding it)."""
-
-# EXIF orientations that rotate by 90 or 270 degrees (ImageOps.exif_transpose swaps width and height).
-_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
-_ORIENTATION_TAG = 0x0112
 
 # Stands in for every image when rendering the chat template (the template only needs to know an image is
 # there; its pixels are never read).
@@ -82,33 +78,7 @@ class ItemCost:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Image sizes and visual tokens
-
-
-def image_size(image: Any) -> tuple[int, int]:
-    """``(width, height)`` of an image as :func:`~st_viomni.formatting.load_image` will return it (EXIF
-    orientation applied), without decoding its pixels: a PIL image's size, or the header of a file, bytes or
-    ``{"bytes", "path"}`` dict.
-
-    Raises:
-        OSError, ValueError: The file is missing or not an image (the caller reports it with the input's index).
-    """
-    if isinstance(image, dict):
-        image = image.get("bytes") if image.get("bytes") is not None else image.get("path")
-    if isinstance(image, Image.Image):
-        return _oriented_size(image)
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        image = io.BytesIO(bytes(image))
-    elif not isinstance(image, (str, os.PathLike)):
-        raise ValueError(f"not an image: {type(image).__name__}")
-    with Image.open(image) as opened:  # reads the header only
-        return _oriented_size(opened)
-
-
-def _oriented_size(image: Image.Image) -> tuple[int, int]:
-    width, height = image.size
-    orientation = image.getexif().get(_ORIENTATION_TAG, 1) if hasattr(image, "getexif") else 1
-    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+# Visual tokens (image sizes: st_viomni.formatting.image_size, header only, the same checks as load_image)
 
 
 @dataclass(frozen=True)
@@ -242,14 +212,14 @@ def _stand_in(value: Any, index: int) -> tuple[Any, list[tuple[int, int]]]:
     except Unsupported:
         raise
     except Exception:
-        check_inputs([value], offset=index)  # raises the error naming the caller's index
+        check_inputs([value], offset=index, decode=False)  # raises the error naming the caller's index
         raise Unsupported(f"input {index}: not costed") from None
 
 
 def _stand_in_or_raise(value: Any) -> tuple[Any, list[tuple[int, int]]]:
     if isinstance(value, str):
-        if value.startswith(("http://", "https://", "data:")) and value.lower().endswith(IMAGE_EXTENSIONS):
-            raise Unsupported("image URL")
+        if is_image_url(value):
+            raise Unsupported("image URL or data URI")
         if is_image_path(value):
             if not os.path.isfile(value):
                 raise FileNotFoundError(value)
@@ -259,7 +229,7 @@ def _stand_in_or_raise(value: Any) -> tuple[Any, list[tuple[int, int]]]:
         return _PLACEHOLDER, [image_size(value)]
     if isinstance(value, dict) and "role" not in value:
         if set(value) - {"text", "image"}:
-            raise Unsupported(f"dict keys {sorted(value)}")
+            raise ValueError(f"dict keys {sorted(value)}")  # check_inputs names unknown keys; audio, video: stock
         text, images = value.get("text"), value.get("image")
         if text is not None and not isinstance(text, str):
             raise ValueError("text is not a string")
@@ -414,9 +384,13 @@ def encode_planned(
     """
     import numpy as np
     import torch
+    from sentence_transformers.sentence_transformer.model import ALLOWED_PRECISIONS
     from sentence_transformers.util.quantization import quantize_embeddings
     from tqdm.auto import tqdm
 
+    precision = options["precision"]
+    if precision is not None and precision not in ALLOWED_PRECISIONS:  # stock's check, before anything is encoded
+        raise ValueError(f"Precision {precision!r} is not supported, must be one of {ALLOWED_PRECISIONS}")
     extra = dict(options.get("kwargs") or {})
     if extra.keys() - {"task"} or (extra.get("task") is not None and not _task_renders_the_same(model[0])):
         raise Unsupported("keyword arguments that change preprocessing")
@@ -474,7 +448,8 @@ def encode_planned(
                 prepared = pending.result()
                 if position + 1 < len(batches):
                     pending = pool.submit(prepare, batches[position + 1])
-            embeddings = encode_batch(prepared, batch_size=len(batch), **batch_options)
+            with caller_indices(prepared, batch):  # errors raised in preprocess name the caller's index
+                embeddings = encode_batch(prepared, batch_size=len(batch), **batch_options)
             if convert_to_numpy:
                 embeddings = embeddings.cpu()
             if output is None:
@@ -482,7 +457,6 @@ def encode_planned(
             output[torch.as_tensor(batch, device=output.device)] = embeddings
 
     # What stock encode does after its inference loop.
-    precision = options["precision"]
     result: Any = output
     if precision and precision != "float32":
         result = quantize_embeddings(result, precision=precision)

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .tasks import PREFIXES, get_task
 
@@ -86,12 +87,22 @@ CHAT_TEMPLATE: str = _build_chat_template()
 first user text (see the module docstring)."""
 
 
+MAX_ASPECT_RATIO = 200
+"""Largest ratio of an image's long side to its short side that Qwen2-VL takes: its image processor's
+``smart_resize`` (``transformers.models.qwen2_vl.image_processing_qwen2_vl``) raises for anything above 200."""
+
+# EXIF orientations that rotate by 90 or 270 degrees (ImageOps.exif_transpose swaps width and height).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+_ORIENTATION_TAG = 0x0112
+
+
 def load_image(image: ImageLike, *, name: str = "image") -> Image.Image:
     """Load and normalise one image to an RGB ``PIL.Image`` with EXIF orientation applied.
 
     Accepts a PIL image, a file path, raw encoded bytes, or a ``datasets.Image()`` dict
     (``{"bytes": ..., "path": ...}``). RGBA/LA/palette images with transparency are composited on white;
-    grayscale, palette, CMYK and 16-bit images are converted to 8-bit RGB.
+    grayscale, palette, CMYK and 16-bit images are converted to 8-bit RGB (see :func:`_integer_to_8_bit` for
+    32-bit integer images).
 
     Args:
         image: The image.
@@ -99,8 +110,66 @@ def load_image(image: ImageLike, *, name: str = "image") -> Image.Image:
 
     Raises:
         FileNotFoundError: A path that does not exist.
-        ValueError: Bytes or a file that cannot be decoded as an image, or an unsupported type.
+        ValueError: Bytes or a file that cannot be decoded as an image, an image over Pillow's pixel limit
+            (``Image.MAX_IMAGE_PIXELS``; decoding it could exhaust memory), an image Qwen2-VL cannot take
+            (no pixels, or an aspect ratio above :data:`MAX_ASPECT_RATIO`), or an unsupported type.
     """
+    if isinstance(image, Image.Image):
+        _check_size(image.size, name, "image")
+        try:
+            image.load()
+        except (OSError, SyntaxError) as error:
+            raise ValueError(f"{name}: cannot decode image: {error}") from None
+        return _to_rgb(image)
+    with _open(image, name) as (opened, what):
+        try:
+            opened.load()
+            image = _to_rgb(opened)
+        except (OSError, SyntaxError) as error:
+            raise ValueError(f"{name}: cannot decode {what}: {error}") from None
+        # The file closes with the with-block: keep a copy, not the lazily backed original.
+        return image.copy() if image is opened else image
+
+
+def image_size(image: ImageLike, *, name: str = "image") -> tuple[int, int]:
+    """``(width, height)`` of an image as :func:`load_image` returns it (EXIF orientation applied), from a
+    PIL image's size or a file's, bytes' or ``{"bytes", "path"}`` dict's header, without decoding pixels (but
+    a PIL image opened lazily from a PNG is decoded for its EXIF, as :func:`load_image` decodes it anyway).
+
+    It refuses what :func:`load_image` refuses before decoding, with the same errors. One difference, for
+    PNG only: Pillow finds EXIF (or XMP) metadata stored *after* a PNG's pixel data only by decoding them,
+    so the orientation here is the one in the metadata before the pixels (where Pillow and exiftool write
+    it), while :func:`load_image`, which decodes anyway, also honours metadata after them. For such a rare
+    file the size here has width and height swapped.
+
+    Raises:
+        FileNotFoundError, ValueError: As :func:`load_image`.
+    """
+    if isinstance(image, Image.Image):
+        _check_size(image.size, name, "image")
+        try:
+            return _oriented(image.size, image.getexif())
+        except (OSError, SyntaxError) as error:  # a lazily opened PNG that fails to decode
+            raise ValueError(f"{name}: cannot decode image: {error}") from None
+    with _open(image, name) as (opened, what):
+        try:
+            # PngImageFile.getexif() decodes the whole image to look for metadata after the pixel data; the
+            # base class reads what the header pass found.
+            exif = Image.Image.getexif(opened) if isinstance(opened, PngImagePlugin.PngImageFile) else opened.getexif()
+        except (OSError, SyntaxError) as error:
+            raise ValueError(f"{name}: cannot decode {what}: {error}") from None
+        return _oriented(opened.size, exif)
+
+
+def _oriented(size: tuple[int, int], exif: Image.Exif) -> tuple[int, int]:
+    width, height = size
+    return (height, width) if exif.get(_ORIENTATION_TAG, 1) in _SWAPPING_ORIENTATIONS else (width, height)
+
+
+@contextmanager
+def _open(image: ImageLike, name: str) -> Iterator[tuple[Image.Image, str]]:
+    """The image (a path, bytes or ``{"bytes", "path"}`` dict) opened, its header read and its size checked,
+    and how to name it in an error (``"image file '...'"``); the file closes when the block ends."""
     if isinstance(image, dict):
         if image.get("bytes") is not None:
             image = image["bytes"]
@@ -112,40 +181,45 @@ def load_image(image: ImageLike, *, name: str = "image") -> Image.Image:
         path = os.fspath(image)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{name}: image file not found: {path!r}")
-        return _decode(path, f"{name}: cannot decode image file {path!r}")
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return _decode(io.BytesIO(bytes(image)), f"{name}: cannot decode image bytes ({len(image)} bytes)")
-    if isinstance(image, Image.Image):
-        try:
-            image.load()
-        except (OSError, SyntaxError) as error:
-            raise ValueError(f"{name}: cannot decode image: {error}") from None
-        return _to_rgb(image)
-    raise ValueError(
-        f"{name}: expected a PIL image, a path, bytes or a {{'bytes', 'path'}} dict, got {type(image).__name__}"
-    )
-
-
-def _decode(source: str | io.BytesIO, error_message: str) -> Image.Image:
+        source, what = path, f"image file {path!r}"
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        source, what = io.BytesIO(bytes(image)), f"image bytes ({len(image)} bytes)"
+    else:
+        raise ValueError(
+            f"{name}: expected a PIL image, a path, bytes or a {{'bytes', 'path'}} dict, got {type(image).__name__}"
+        )
     try:
-        with Image.open(source) as opened:
-            opened.load()
-            image = _to_rgb(opened)
-            # The file closes with the with-block: keep a copy, not the lazily backed original.
-            return image.copy() if image is opened else image
+        opened = Image.open(source)  # reads the header only
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{name}: {what} is too large to decode: {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{error_message}: {error}") from None
+        raise ValueError(f"{name}: cannot decode {what}: {error}") from None
+    with opened:
+        _check_size(opened.size, name, what)
+        yield opened, what
+
+
+def _check_size(size: tuple[int, int], name: str, what: str) -> None:
+    """Refuse an image that Qwen2-VL's image processor cannot resize (see :data:`MAX_ASPECT_RATIO`)."""
+    width, height = size
+    if min(width, height) < 1:
+        raise ValueError(f"{name}: {what} has no pixels ({width}x{height})")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"{name}: {what} is {width}x{height}, an aspect ratio of {ratio:g}; Qwen2-VL takes at most "
+            f"{MAX_ASPECT_RATIO}"
+        )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB with EXIF orientation applied; an image that is already that is returned as is (no copy)."""
-    orientation = image.getexif().get(0x0112, 1) if hasattr(image, "getexif") else 1
+    orientation = image.getexif().get(_ORIENTATION_TAG, 1) if hasattr(image, "getexif") else 1
     if image.mode == "RGB" and orientation in (None, 1):
         return image
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit integer images: rescale to 8 bits instead of clipping everything above 255 to white.
-        image = image.point(lambda value: value * (255 / 65535)).convert("L")
+        image = _integer_to_8_bit(image)
     elif image.mode == "F":
         image = image.convert("L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -153,6 +227,27 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _integer_to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16- or 32-bit integer grayscale image as 8-bit ``"L"``, scaled instead of clipped at 255.
+
+    ``I;16*`` images hold 16-bit values (16-bit PNGs and TIFFs open so): 0..65535 is scaled to 0..255. Mode
+    ``"I"`` (32-bit signed) says nothing about the range its values use, so the values decide: all within
+    0..255 are 8-bit values and kept as they are (``Image.fromarray`` of an int32 array, some TIFFs); all
+    within 0..65535 are 16-bit values, scaled as above (a 16-bit image converted to ``"I"``); anything else
+    (negative values or more than 16 bits) is stretched from its minimum..maximum to 0..255. A 16-bit image
+    in mode ``"I"`` whose values all happen to be at most 255 (nearly black) is thus taken as 8-bit.
+    """
+    low, high = image.getextrema()
+    if image.mode == "I" and 0 <= low and high <= 255:
+        return image.convert("L")
+    if 0 <= low and high <= 65535:
+        scale, offset = 255 / 65535, 0.0
+    else:
+        scale = 255 / max(high - low, 1)
+        offset = -low * scale
+    return image.point(lambda value: value * scale + offset).convert("L")
 
 
 def format_input(task: str, text: str | None = None, images: Sequence[ImageLike] = ()) -> str | dict[str, Any]:

@@ -3,8 +3,11 @@
 Qwen2-VL -> mean pooling over every non-padding token (text and image tokens) -> Dense to ``embedding_dim``
 (no activation) -> L2 normalisation, with the five task prompts registered. Everything that makes the
 model "viOmni" is data saved with it (prompts, chat template, pixel budgets, Dense weights), so a saved
-model loads with plain ``SentenceTransformer(path)``, without st-viomni and without ``trust_remote_code``,
-and encodes identically.
+model loads with plain ``SentenceTransformer(path)``, without st-viomni and without ``trust_remote_code``.
+It then encodes text, and images given as RGB PIL images (what :func:`~st_viomni.formatting.load_image` and
+:func:`~st_viomni.formatting.format_input` return), identically; images that plain sentence-transformers
+decodes itself can differ (transparent image files, EXIF-rotated PIL images, 16-bit images, BMP and TIFF
+files: see :class:`ViOmniQwen`).
 
 :class:`ViOmniQwen` is that same ``SentenceTransformer`` plus input checks at preprocessing time (errors that
 name the offending input, images normalised to RGB once), cost-planned encode batches
@@ -27,10 +30,11 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Dense, Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
+from sentence_transformers.util.misc import _to_list
 
 from .batching import DEFAULT_MAX_PADDING, Unsupported, encode_planned
 from .formatting import CHAT_TEMPLATE
-from .inputs import check_inputs, describe_input, is_conversation
+from .inputs import caller_indices, check_inputs, describe_input, input_names
 from .model_card import ViOmniModelCardData
 from .onednn_linear import use_onednn_linear
 from .patch_embedding import use_matmul_patch_embedding
@@ -41,16 +45,34 @@ from .vision_attention import use_chunked_vision_attention
 class ViOmniQwen(SentenceTransformer):
     """A viOmniQwen embedding model: a stock ``SentenceTransformer`` that checks its inputs.
 
-    Load a saved model with ``ViOmniQwen(path)`` (or plain ``SentenceTransformer(path)``, which encodes the same
-    valid inputs identically but without these checks). :meth:`encode` (with the caller's indices) and
+    Load a saved model with ``ViOmniQwen(path)``. :meth:`encode` (with the caller's indices) and
     :meth:`preprocess` (used by training, with batch indices):
 
-    * rejects ``None``, a dict with neither text nor image, and a string naming a missing image file (stock
-      sentence-transformers would embed that string as text) with an error naming the input's index;
-    * decodes each image once to EXIF-oriented 8-bit RGB, naming the input of a corrupt or missing image;
+    * rejects ``None``, a dict with neither text nor image or with unknown keys, and a string naming a missing
+      image file (stock sentence-transformers would embed that string as text) with an error naming the
+      input's index;
+    * decodes each image once with :func:`~st_viomni.formatting.load_image`, as training does, to
+      EXIF-oriented 8-bit RGB (transparency composited on white), naming the input of a corrupt or missing
+      image, of one over Pillow's pixel limit and of one Qwen2-VL cannot take (aspect ratio above 200);
     * turns transformers' "Mismatch in image token count" (an input whose image tokens alone do not fit in
-      ``max_seq_length``) into an error naming the input. Over-long *text* is truncated as usual: the chat
-      template puts a turn's images before its text, so right-truncation only ever cuts text.
+      ``max_seq_length``, or in a ``max_length`` the caller set) into an error naming the input and that limit.
+      Over-long *text* is truncated as usual: the chat template puts a turn's images before its text, so
+      right-truncation only ever cuts text.
+
+    Plain ``SentenceTransformer(path)`` loads the same model without these checks and encodes text, and images
+    given as RGB PIL images (e.g. from ``load_image``), identically. Images it decodes itself differ in some
+    cases (checked with sentence-transformers 6.3 and transformers 5.23 decoding files with torchvision):
+
+    * an image file with transparency given as a path (RGBA or LA PNG, WebP with alpha, palette PNG or GIF
+      with a transparent colour): it drops the alpha channel, keeping whatever colour lies under transparent
+      pixels, where ``load_image`` composites on white (as it does itself for such an image given as PIL);
+    * a PIL image with an EXIF orientation: it ignores the orientation (given as a path, both apply it);
+    * a 16-bit image (16-bit PNG, ``I;16`` or a 16-bit mode ``"I"`` PIL image): it reduces it to 8 bits
+      differently;
+    * a BMP or TIFF path: it cannot decode it and raises.
+
+    RGB, grayscale, 1-bit, palette and CMYK images (paths or PIL images), PIL images with transparency and
+    EXIF-rotated JPEG and PNG files given as paths encode identically.
 
     Its model card (written by ``save`` and ``push_to_hub``) is viOmni's: see :mod:`st_viomni.model_card`.
     """
@@ -91,51 +113,82 @@ class ViOmniQwen(SentenceTransformer):
         ``max_padding=None`` batches as stock sentence-transformers does. Options the planner does not handle
         (``output_value`` other than sentence embeddings, multi-process ``pool`` or device lists, extra keyword
         arguments other than ``encode_query``/``encode_document``'s ``task``) and inputs it cannot cost (audio,
-        video, URLs, conversations mixed with other inputs) take the stock path.
+        video, URLs, conversations mixed with other inputs) take the stock path: every input is checked first
+        (image headers only), and the images are decoded batch by batch in :meth:`preprocess`.
+
+        A batch is whatever stock ``encode`` treats as one (a list or tuple, a ``datasets`` column, a numpy
+        array of strings or objects; a list of chat messages is one input); errors name the caller's index.
         """
-        several = isinstance(inputs, (list, tuple)) and not is_conversation(inputs)
-        if several and len(inputs) > 1 and max_padding is not None:
-            options = inspect.signature(SentenceTransformer.encode).bind(self, inputs, *args, **kwargs)
+        single = self.is_singular_input(inputs)
+        listed = [inputs] if single else _to_list(inputs)
+        if not single and len(listed) > 1 and max_padding is not None:
+            options = inspect.signature(SentenceTransformer.encode).bind(self, listed, *args, **kwargs)
             options.apply_defaults()
             try:
                 return encode_planned(
                     self,
                     super().encode,
-                    list(inputs),
+                    listed,
                     {name: value for name, value in options.arguments.items() if name not in ("self", "inputs")},
                     max_padding=max_padding,
                     max_batch_tokens=max_batch_tokens,
                 )
             except Unsupported:
                 pass
-        # Stock encode sorts inputs by length before batching; check here so that errors name the caller's index.
-        inputs = check_inputs(list(inputs)) if several else check_inputs([inputs])[0]
-        return super().encode(inputs, *args, **kwargs)
+        # Stock encode sorts inputs by length before batching: check them here, cheaply, so that errors name the
+        # caller's index, and let preprocess decode each batch's images (not the whole call's at once).
+        check_inputs(listed, decode=False)
+        with caller_indices(listed, range(len(listed))):
+            return super().encode(inputs if single else listed, *args, **kwargs)
 
     def preprocess(self, inputs: Sequence[Any], prompt: str | None = None, **kwargs) -> dict[str, Any]:
-        inputs = check_inputs(list(inputs))
+        inputs = list(inputs)
+        names = input_names(inputs)  # the caller's indices during encode, else positions in this batch
+        inputs = check_inputs(inputs)
         try:
             return super().preprocess(inputs, prompt=prompt, **kwargs)
         except ValueError as error:
             if not re.search(r"Mismatch in `?(image|video)`? token count", str(error)):
                 raise
-            raise ValueError(self._explain_overflow(inputs, prompt)) from error
+            raise ValueError(self._explain_overflow(inputs, names, prompt, kwargs)) from error
 
-    def _explain_overflow(self, inputs: list[Any], prompt: str | None) -> str:
-        # Error path only: re-render each input untruncated to find the ones that do not fit.
-        limit = self.max_seq_length
-        untruncated = {"text": {"truncation": False}}
+    def _explain_overflow(self, inputs: list[Any], names: list[str], prompt: str | None, kwargs: dict) -> str:
+        # Error path only: re-render each input untruncated to find those whose image tokens truncation cuts
+        # (an input whose text alone runs past the limit is truncated in its text, which is fine).
+        limit_name, limit = self._truncation_limit(kwargs)
+        per_call = kwargs.get("processing_kwargs") or {}
+        untruncated = {**per_call, "text": {**(per_call.get("text") or {}), "truncation": False}}
         too_long = []
-        for index, value in enumerate(inputs):
-            features = super().preprocess([value], prompt=prompt, processing_kwargs=untruncated)
+        for name, value in zip(names, inputs):
+            features = super().preprocess([value], prompt=prompt, **{**kwargs, "processing_kwargs": untruncated})
             length = int(features["attention_mask"].sum())
-            if length > limit:
-                visual = int((features["mm_token_type_ids"] != 0).sum()) if "mm_token_type_ids" in features else 0
-                too_long.append(f"{describe_input(value)} ({length} tokens, {visual} of them image tokens)")
+            types = features.get("mm_token_type_ids")
+            image_positions = [] if types is None else (types[0] != 0).nonzero()
+            if limit is not None and len(image_positions) and int(image_positions.max()) >= limit:
+                visual = len(image_positions)
+                too_long.append(f"{name} ({describe_input(value)}: {length} tokens, {visual} of them image tokens)")
         return (
-            f"{'; '.join(too_long) or 'an input'} does not fit in max_seq_length={limit} without cutting image "
-            "tokens; use fewer or smaller images (max_pixels) or raise max_seq_length"
+            f"{'; '.join(too_long) or 'an input'} {'do' if len(too_long) > 1 else 'does'} not fit in "
+            f"{limit_name}={limit} without cutting image tokens; use fewer or smaller images (max_pixels) or raise "
+            f"{limit_name}"
         )
+
+    def _truncation_limit(self, kwargs: dict) -> tuple[str, int | None]:
+        """The text ``max_length`` a ``preprocess`` call with these keyword arguments truncates to, and where it
+        is set, in the order of sentence-transformers' ``Transformer.preprocess``."""
+        transformer = self[0]
+        per_call = (kwargs.get("processing_kwargs") or {}).get("text") or {}
+        configured = (getattr(transformer, "processing_kwargs", None) or {}).get("text") or {}
+        task_length = {"query": "query_length", "document": "document_length"}.get(kwargs.get("task"))
+        for name, value in (
+            ("processing_kwargs['text']['max_length']", per_call.get("max_length")),
+            ("the Transformer module's processing_kwargs['text']['max_length']", configured.get("max_length")),
+            ("max_length", kwargs.get("max_length")),
+            (task_length, getattr(transformer, task_length, None) if task_length else None),
+        ):
+            if value is not None:
+                return name, value
+        return "max_seq_length", self.max_seq_length
 
 
 def build_model(

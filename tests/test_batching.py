@@ -1,6 +1,7 @@
 """Cost-aware encode batching (st_viomni.batching): same embeddings as stock sentence-transformers, in input
 order, for any batch size; exact cost estimates before decoding; the padding bound; errors naming the input."""
 
+import functools
 import random
 
 import numpy as np
@@ -230,3 +231,75 @@ def test_bad_inputs_name_the_callers_index(saved, images, tmp_path):
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"input 3: cannot decode image file"):
         model.encode(["a", "b", "c", str(tmp_path / "truncated.png")], batch_size=1)
+    with pytest.raises(ValueError, match=r"input 2: cannot decode image: image file is truncated"):
+        model.encode(["a", "b", Image.open(tmp_path / "truncated.png")])  # a PIL image, opened lazily
+    with pytest.raises(ValueError, match=r"input 2 has unknown key\(s\) \['foo'\]; expected 'text' and/or 'image'"):
+        model.encode(["hello", images[1][0], {"text": "x", "foo": 1}])
+
+
+def test_every_batch_type_stock_accepts_is_planned_and_errors_name_the_callers_index(saved, tmp_path):
+    import datasets
+
+    model, stock = saved
+    texts = ["a", "hello there", "b", "một câu dài hơn nhiều so với những câu khác"]
+    expected = stock.encode(texts)
+    column = datasets.Dataset.from_dict({"x": texts})["x"]
+    for batch in (column, np.array(texts), np.array(texts, dtype=object), tuple(texts)):
+        np.testing.assert_allclose(model.encode(batch, batch_size=2), expected, atol=1e-5, err_msg=type(batch))
+    missing = [*texts[:3], str(tmp_path / "missing.png")]
+    with pytest.raises(FileNotFoundError, match="input 3 names an image file that does not exist"):
+        model.encode(np.array(missing))
+    with pytest.raises(FileNotFoundError, match="input 3 names an image file that does not exist"):
+        model.encode(datasets.Dataset.from_dict({"x": missing})["x"])
+    with pytest.raises(ValueError, match="input 2 is None"):
+        model.encode(np.array(["hello", "some longer text here", None], dtype=object))
+
+
+def test_images_qwen2_vl_cannot_take_are_refused_before_encoding_naming_the_input(saved, images, tmp_path, monkeypatch):
+    model, _ = saved
+    good = _mixed_inputs(images)[:3]
+    Image.new("RGB", (5000, 20)).save(tmp_path / "wide.png")
+    wide = r"image file '.*wide\.png' is 5000x20, an aspect ratio of 250; Qwen2-VL takes at most 200"
+    with pytest.raises(ValueError, match=rf"input 3: {wide}"):
+        model.encode([*good, str(tmp_path / "wide.png")])
+    with pytest.raises(ValueError, match=rf"input 0: {wide}"):
+        model.encode(str(tmp_path / "wide.png"))  # one input: the stock path
+    with pytest.raises(ValueError, match=r"input 3\['image'\]\[1\]: image is 20x5000, an aspect ratio of 250"):
+        model.encode([*good, {"image": [images[0][0], Image.new("RGB", (20, 5000))], "text": "q"}])
+    Image.new("1", (150, 150)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 150x150 is then over the limit (twice this)
+    with pytest.raises(ValueError, match=r"input 1\['image'\]: image file '.*bomb\.png' is too large to decode"):
+        model.encode(["a", {"image": str(tmp_path / "bomb.png")}])
+
+
+def test_an_unknown_precision_is_refused_before_anything_is_encoded(saved, images):
+    model, _ = saved
+    calls = []
+    handle = model[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"Precision 'float16' is not supported, must be one of \{"):
+            model.encode(_mixed_inputs(images), precision="float16", batch_size=2)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_the_stock_path_decodes_images_batch_by_batch(saved, images, monkeypatch):
+    model, _ = saved
+    paths = images[1][:5]
+    planned = model.encode(paths, batch_size=2)
+    received = []
+    stock_encode = SentenceTransformer.encode
+
+    @functools.wraps(stock_encode)  # encode binds its arguments to stock's signature
+    def recording(self, inputs, *args, **kwargs):
+        received.append([type(value).__name__ for value in inputs])
+        return stock_encode(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(SentenceTransformer, "encode", recording)
+    unplanned = model.encode(paths, batch_size=2, max_padding=None)
+    tokens = model.encode(paths, batch_size=2, output_value="token_embeddings")
+    # Stock encode gets the paths; preprocess decodes each batch's images (with load_image) as it comes.
+    assert received == [["str"] * 5] * 2
+    np.testing.assert_allclose(unplanned, planned, atol=1e-5)
+    assert len(tokens) == 5

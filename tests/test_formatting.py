@@ -1,9 +1,11 @@
 import io
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from st_viomni import format_input, load_image
+from st_viomni.formatting import image_size
 
 
 def test_text_only_input_is_the_prefixed_string():
@@ -104,3 +106,70 @@ def test_image_bytes_and_datasets_dicts_decode():
     Image.new("RGB", (5, 3), "green").save(buffer, format="PNG")
     assert load_image(buffer.getvalue()).size == (5, 3)
     assert load_image({"bytes": buffer.getvalue(), "path": None}).size == (5, 3)
+
+
+@pytest.mark.parametrize(
+    "array, expected",
+    [
+        (np.array([[0, 128, 255]], dtype=np.int32), [0, 128, 255]),  # 8-bit values in a 32-bit image: kept
+        (np.array([[0, 32896, 65535]], dtype=np.int32), [0, 128, 255]),  # 16-bit values: scaled
+        (np.array([[-100, 28, 155]], dtype=np.int32), [0, 128, 255]),  # anything else: stretched
+    ],
+)
+def test_32_bit_integer_images_are_scaled_by_the_range_their_values_use(array, expected):
+    image = load_image(Image.fromarray(array, "I"))
+    assert [image.getpixel((x, 0)) for x in range(3)] == [(value,) * 3 for value in expected]
+
+
+def test_16_bit_pngs_keep_their_full_range(tmp_path):
+    Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16)).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    image = load_image(str(tmp_path / "deep.png"))
+    assert [image.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+
+
+def test_images_qwen2_vl_cannot_resize_are_refused_naming_them(tmp_path):
+    Image.new("RGB", (5000, 20)).save(tmp_path / "wide.png")
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 201 * 2)).save(buffer, format="PNG")
+    cases = [
+        (str(tmp_path / "wide.png"), r"image file '.*wide\.png' is 5000x20, an aspect ratio of 250"),
+        (buffer.getvalue(), r"image bytes \(\d+ bytes\) is 2x402, an aspect ratio of 201"),
+        (Image.new("L", (400, 2)), r"image is 400x2, an aspect ratio of 200"),
+    ]
+    for source, message in cases[:2]:
+        for check in (load_image, image_size):
+            with pytest.raises(ValueError, match=rf"^images\[3\]: {message}; Qwen2-VL takes at most 200$"):
+                check(source, name="images[3]")
+    assert load_image(cases[2][0]).size == (400, 2) and image_size(cases[2][0]) == (400, 2)  # 200 is allowed
+    with pytest.raises(ValueError, match=r"anchor_images\[0\]: image is 2x401, an aspect ratio of 200.5"):
+        load_image(Image.new("RGB", (2, 401)), name="anchor_images[0]")
+
+
+def test_images_over_pillows_pixel_limit_are_refused_naming_them(tmp_path, monkeypatch):
+    Image.new("1", (150, 150)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # refused above twice this: 22,500 pixels are
+    for check in (load_image, image_size):
+        with pytest.raises(ValueError, match=r"^input 2: image file '.*bomb\.png' is too large to decode: Image size "
+                           r"\(22500 pixels\) exceeds limit"):
+            check(str(tmp_path / "bomb.png"), name="input 2")
+        with pytest.raises(ValueError, match=r"^x: image bytes \(\d+ bytes\) is too large to decode"):
+            check((tmp_path / "bomb.png").read_bytes(), name="x")
+
+
+def test_sizing_reads_headers_only_and_agrees_with_load_image(tmp_path, monkeypatch):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (60, 20), "red").save(tmp_path / "rotated.png", exif=exif)
+    Image.new("RGB", (60, 20), "red").save(tmp_path / "rotated.jpg", exif=exif)
+    Image.new("RGB", (60, 20), "red").save(tmp_path / "plain.png")
+    sources = [str(tmp_path / name) for name in ("rotated.png", "rotated.jpg", "plain.png")]
+    expected = [load_image(source).size for source in sources]
+    assert expected == [(20, 60), (20, 60), (60, 20)]
+
+    def no_decoding(image):
+        raise AssertionError(f"decoded {image.filename}")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert [image_size(source) for source in sources] == expected
+    assert image_size((tmp_path / "plain.png").read_bytes()) == (60, 20)

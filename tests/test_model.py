@@ -134,9 +134,23 @@ def test_over_long_text_with_images_is_truncated_in_its_text(tiny_base):
 def test_images_that_do_not_fit_are_refused_naming_the_input(tiny_base):
     model = build_model(tiny_base, embedding_dim=8, max_seq_length=20)
     image = _scene((100, 60), "red")
-    with pytest.raises(ValueError, match=r"text '<ocr> three' and 3 image\(s\) \(\d+ tokens, 24 of them image tokens\) "
-                       r"does not fit in max_seq_length=20"):
-        model.encode(["short", format_input("ocr", "three", [image, image, image])])
+    three = format_input("ocr", "three", [image, image, image])
+    # Planned batches put the longest input first: the error still names the caller's index.
+    described = r"\(text '<ocr> three' and 3 image\(s\): \d+ tokens, 24 of them image tokens\)"
+    with pytest.raises(ValueError, match=rf"^input 1 {described} does not fit in max_seq_length=20 without cutting"):
+        model.encode(["short", three])
+    with pytest.raises(ValueError, match=r"^input 0 \(text '<ocr> three' and 3 image\(s\)"):
+        model.encode(three)  # one input: the stock path
+
+
+def test_an_overflow_reports_the_max_length_the_caller_set(tiny_model):
+    image = _scene((100, 60), "red")
+    # Text alone over the limit is truncated in its text: not reported.
+    inputs = ["short", "a long text " * 30, format_input("ocr", "three", [image, image, image])]
+    described = r"\(text '<ocr> three' and 3 image\(s\): \d+ tokens, 24 of them image tokens\)"
+    limit = r"processing_kwargs\['text'\]\['max_length'\]=20 "
+    with pytest.raises(ValueError, match=rf"^input 2 {described} does not fit in {limit}"):
+        tiny_model.encode(inputs, processing_kwargs={"text": {"max_length": 20, "truncation": True}})
 
 
 def test_bad_inputs_to_encode_name_the_offending_item(tiny_model, tmp_path):
