@@ -1,7 +1,7 @@
 """Losses of st-viomni, imported as ``st_viomni.losses``.
 
 * :class:`PrefixRoutedLoss`: viOmniQwen's per-sample task-routed loss (symmetric InfoNCE plus a term chosen by
-  each sample's task prefix), with optional cross-device negatives.
+  each sample's task, which its label carries and its text's prefix names), with optional cross-device negatives.
 * :class:`CachedPrefixRoutedLoss`: the same loss with GradCache, for large batches.
 * :class:`TaskLossLogger`: a trainer callback that logs each task's mean loss.
 * :func:`make_label`: the ``label`` column value of a training row (task, gold score, positive identity); the

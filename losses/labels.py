@@ -38,6 +38,10 @@ def make_label(
 ) -> list[float]:
     """Encode one training row's task, score and positive identity as the ``label`` column value.
 
+    :class:`~st_viomni.losses.PrefixRoutedLoss` routes the row by this task alone, never by the task prefix of its
+    text: pass the task the row's inputs were formatted with (``format_input(task, ...)``), as st-viomni's data
+    adapters do. A label naming another task than the prefix trains the row, without an error, with the wrong loss.
+
     Args:
         task: Task name from :mod:`st_viomni.tasks`.
         score: Gold similarity in [0, 1]; required for ``text_pair``, must be None for the other tasks.
@@ -92,7 +96,9 @@ def decode_labels(labels: torch.Tensor) -> tuple[list[str], torch.Tensor, list[i
     """Split a collated ``(batch, 4)`` label tensor into task names, scores (NaN where none) and positive keys.
 
     Raises:
-        ValueError: The tensor is not ``(batch, 4)`` or a row names no known task; the message names the row.
+        ValueError: The tensor is not ``(batch, 4)``, a row's task index is not the whole number of a known task
+            (NaN and infinities included), or a row's key halves are not whole numbers in ``[0, 2**24)``; the
+            message names the row.
     """
     if labels is None or labels.dim() != 2 or labels.shape[1] != LABEL_WIDTH:
         shape = None if labels is None else tuple(labels.shape)
@@ -103,8 +109,21 @@ def decode_labels(labels: torch.Tensor) -> tuple[list[str], torch.Tensor, list[i
     task_indices = labels[:, 0].tolist()
     tasks = []
     for row, index in enumerate(task_indices):
-        if index != int(index) or not 0 <= int(index) < len(TASK_NAMES):
+        if not _is_whole_in_range(index, len(TASK_NAMES)):
             raise ValueError(f"row {row}: label names no known task (task index {index})")
         tasks.append(TASK_NAMES[int(index)])
-    keys = [(int(high) << _HALF_BITS) | int(low) for high, low in labels[:, 2:].tolist()]
+    keys = []
+    for row, halves in enumerate(labels[:, 2:].tolist()):
+        if not all(_is_whole_in_range(half, 1 << _HALF_BITS) for half in halves):
+            raise ValueError(
+                f"row {row}: label's positive key halves must be whole numbers in [0, 2**{_HALF_BITS}) "
+                f"(st_viomni.losses.make_label), got {halves}"
+            )
+        high, low = halves
+        keys.append((int(high) << _HALF_BITS) | int(low))
     return tasks, labels[:, 1].float(), keys
+
+
+def _is_whole_in_range(value: float, stop: int) -> bool:
+    # The finiteness check comes first: int() of NaN or an infinity raises a message that names no row.
+    return math.isfinite(value) and value == int(value) and 0 <= value < stop

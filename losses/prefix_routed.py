@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import numbers
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -106,6 +107,12 @@ class PrefixRoutedLoss(nn.Module):
         positive key is a content hash of the positive's text and images; rows with equal keys have identical
         positives.
 
+        The loss routes each sample by its label's task, not by its text: it never reads the task prefix. The
+        label and the prefix must therefore name the same task, which :func:`st_viomni.format_input` and
+        :func:`~st_viomni.losses.make_label` called with the same task (as in the example below), or st-viomni's
+        data adapters, guarantee. A row whose prefix names another task than its label (or that has no prefix)
+        is trained, without an error, with the loss of its label's task.
+
         Logged per task:
 
         * ``loss_<task>``: ``forward`` returns one tensor per task, that task's share of the batch loss,
@@ -122,12 +129,15 @@ class PrefixRoutedLoss(nn.Module):
             model: The SentenceTransformer model (Qwen2-VL -> mean pooling -> Dense -> Normalize). Only
                 ``forward`` uses it; ``compute_loss_from_embeddings`` works on given embeddings.
             temperature: :math:`\tau` of the InfoNCE terms (``scale = 1 / temperature`` in sentence-transformers'
-                MultipleNegativesRankingLoss).
-            mse_weight: :math:`w_{mse}`, weight of the ``text_pair`` MSE term.
+                MultipleNegativesRankingLoss); a finite positive number.
+            mse_weight: :math:`w_{mse}`, weight of the ``text_pair`` MSE term. Each weight is a finite
+                non-negative number; 0 turns its term off.
             cosine_weight: :math:`w_{cos}`, weight of the ``instr`` cosine term.
             triplet_weight: :math:`w_{tri}`, weight of the triplet hinge of ``ocr``/``vqa_single``/``vqa_multi``.
             margins: Triplet margins by task name, overriding :data:`DEFAULT_MARGINS` (which come from
-                :mod:`st_viomni.tasks`: ``ocr`` 0.2, ``vqa_single`` 0.2, ``vqa_multi`` 0.3); only triplet tasks.
+                :mod:`st_viomni.tasks`: ``ocr`` 0.2, ``vqa_single`` 0.2, ``vqa_multi`` 0.3); only triplet tasks,
+                each a finite non-negative number (a number: a string such as ``"0.2"`` is refused, not parsed).
+                A bad value raises a ``ValueError`` naming it (``margins['ocr']``), as a bad weight does.
             gather_across_devices: Score every process's rows against the whole distributed batch (see above).
             log_task_components: Return the per-task components from ``forward`` (a dict the trainer logs) instead
                 of one scalar. Wrapper losses that add up the result of this loss (e.g. ``MatryoshkaLoss``) need a
@@ -199,16 +209,10 @@ class PrefixRoutedLoss(nn.Module):
         """
         super().__init__()
         self.model = model
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        weights = {"mse_weight": mse_weight, "cosine_weight": cosine_weight, "triplet_weight": triplet_weight}
-        for name, weight in weights.items():
-            if not weight >= 0:
-                raise ValueError(f"{name} must be non-negative, got {weight}")
-        self.temperature = float(temperature)
-        self.mse_weight = float(mse_weight)
-        self.cosine_weight = float(cosine_weight)
-        self.triplet_weight = float(triplet_weight)
+        self.temperature = _hyperparameter("temperature", temperature, positive=True)
+        self.mse_weight = _hyperparameter("mse_weight", mse_weight)
+        self.cosine_weight = _hyperparameter("cosine_weight", cosine_weight)
+        self.triplet_weight = _hyperparameter("triplet_weight", triplet_weight)
         self.margins = _resolve_margins(margins)
         self.gather_across_devices = gather_across_devices
         self.log_task_components = log_task_components
@@ -480,8 +484,18 @@ def _resolve_margins(margins: Mapping[str, float] | None) -> dict[str, float]:
             raise ValueError(
                 f"margins: task {name!r} has no triplet term; margins apply to {sorted(DEFAULT_MARGINS)}"
             )
-        resolved[name] = float(margin)
+        resolved[name] = _hyperparameter(f"margins[{name!r}]", margin)
     return resolved
+
+
+def _hyperparameter(name: str, value: Any, *, positive: bool = False) -> float:
+    """``value`` as a float if it is a finite real number, >= 0 (> 0 with ``positive``); else a ``ValueError``
+    naming it. Strings are refused, not parsed, as the recipe loader refuses them for the weights. A NaN or infinite
+    value would make the loss NaN or inf, which the trainer's logs hide by default (``logging_nan_inf_filter``)."""
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not is_number or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite {'positive' if positive else 'non-negative'} number, got {value!r}")
+    return float(value)
 
 
 def _positive_keys(

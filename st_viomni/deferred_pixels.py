@@ -50,7 +50,8 @@ class DeferredPixelCollator(SentenceTransformerDataCollator):
     Takes the same arguments as ``SentenceTransformerDataCollator``; ``preprocess_fn`` must be the ``preprocess``
     of a model whose first module holds a Qwen2-VL processor (what :func:`st_viomni.build_model` returns).
     Every input column gets ``<column>_images`` (a list) and ``<column>_image_kwargs`` instead of
-    ``<column>_pixel_values``; only st-viomni's losses know what to do with them.
+    ``<column>_pixel_values``; only st-viomni's losses know what to do with them. A ``ValueError`` raised while
+    preprocessing a column (a bad input, an image Qwen2-VL's image processor cannot resize) names the column.
 
     Example:
         ::
@@ -73,12 +74,20 @@ class DeferredPixelCollator(SentenceTransformerDataCollator):
         if getattr(processor, "image_processor", None) is None:
             raise ValueError("DeferredPixelCollator needs preprocess_fn=model.preprocess of a Qwen2-VL model")
         preprocess = self.preprocess_fn
+        self._column: str | None = None
 
         def preprocess_without_pixels(inputs, prompt=None, **kwargs) -> dict[str, Any]:
             images: list[Any] = []
             image_kwargs: dict[str, Any] = {}
-            with _grids_from_sizes(processor, images, image_kwargs):
-                features = preprocess(inputs, prompt=prompt, **kwargs)
+            try:
+                with _grids_from_sizes(processor, images, image_kwargs):
+                    features = preprocess(inputs, prompt=prompt, **kwargs)
+            except ValueError as error:
+                # The message names the row ("input <row>", or the row and image of an image that cannot be
+                # resized); in a data loader worker, nothing else says which column it was.
+                if self._column is None:
+                    raise
+                raise ValueError(f"column {self._column!r}: {error}") from error
             if "image_grid_thw" in features:
                 features.pop("pixel_values")
                 features[IMAGES] = images
@@ -86,6 +95,11 @@ class DeferredPixelCollator(SentenceTransformerDataCollator):
             return features
 
         self.preprocess_fn = preprocess_without_pixels
+
+    def _get_task_for_column(self, column_name: str, column_position: int, router_mapping: dict[str, str]):
+        # sentence-transformers' collator resolves each column's task right before preprocessing the column.
+        self._column = column_name
+        return super()._get_task_for_column(column_name, column_position, router_mapping)
 
 
 def image_grid(image: Any, image_processor: Any) -> list[int]:
@@ -142,8 +156,10 @@ def with_pixels(
     """Rows ``begin:end`` of a column collated by :class:`DeferredPixelCollator`, with their ``pixel_values``.
 
     Slices the token tensors and the image grids as sentence-transformers' GradCache mini-batching does, and
-    runs the image processor on the mini-batch's images only. Raises if the grids it gets differ from the
-    collated ones (the size-only grid and the image processor disagree), rather than embed misaligned tokens.
+    runs the image processor on the mini-batch's images only. Raises a ``RuntimeError`` if the grids it gets
+    differ from the collated ones (the size-only grid and the image processor disagree), rather than embed
+    misaligned tokens; the message gives both grids and the images' sizes, which is what such a disagreement
+    is debugged from.
     """
     images, image_kwargs = feature[IMAGES], feature[IMAGE_KWARGS]
     tokens = {key: value for key, value in feature.items() if key not in (IMAGES, IMAGE_KWARGS, "image_grid_thw")}
@@ -160,9 +176,11 @@ def with_pixels(
         batch_images = [pil_to_tensor(image) if isinstance(image, Image.Image) else image for image in batch_images]
     processed = image_processor(batch_images, **{**image_kwargs, "return_tensors": "pt"})
     if not torch.equal(processed["image_grid_thw"].to(grids.device), grids):
+        # (width, height): a PIL image's size, or a resized (channels, height, width) tensor's last two sides.
+        sizes = [image.size if isinstance(image, Image.Image) else tuple(image.shape[:0:-1]) for image in batch_images]
         raise RuntimeError(
-            f"images {first}..{last - 1} of the batch: the image processor gave grids "
-            f"{processed['image_grid_thw'].tolist()}, the collator computed {grids.tolist()} from their sizes"
+            f"the image processor gave grids {processed['image_grid_thw'].tolist()} for images of (width, height) "
+            f"{sizes}, DeferredPixelCollator computed {grids.tolist()} from their sizes (image_grid)"
         )
     mini_batch["image_grid_thw"] = grids
     mini_batch["pixel_values"] = processed["pixel_values"].to(grids.device)
@@ -178,7 +196,7 @@ def _grids_from_sizes(processor: Any, images: list[Any], image_kwargs: dict[str,
         if images:  # transformers' processors make one call per preprocess; a second could mix resized images in
             raise RuntimeError("DeferredPixelCollator: the processor processed one column's images in two calls")
         flat = make_flat_list_of_images(batch_images)
-        grids = torch.tensor([image_grid(image, image_processor) for image in flat], dtype=torch.long)
+        grids = torch.tensor(_size_only_grids(batch_images, flat, image_processor), dtype=torch.long)
         image_kwargs.update(kwargs)
         if kwargs.keys() <= {"return_tensors"} and all(map(_resizable, flat)):
             # Resize once, here (in the data loader's workers when it has them), not in both GradCache passes.
@@ -195,3 +213,24 @@ def _grids_from_sizes(processor: Any, images: list[Any], image_kwargs: dict[str,
         yield
     finally:
         del processor._process_images
+
+
+def _size_only_grids(batch_images: Any, flat: list[Any], image_processor: Any) -> list[list[int]]:
+    """:func:`image_grid` of each of a column's images (``flat``; ``batch_images`` as the processor got them, one
+    list per row), raising a ``ValueError`` that names the image (and its row) for one Qwen2-VL cannot resize
+    (``smart_resize`` refuses an aspect ratio above 200)."""
+    grids = []
+    for index, image in enumerate(flat):
+        try:
+            grids.append(image_grid(image, image_processor))
+        except ValueError as error:
+            width, height = image.size
+            where = f"image {index} of the column, {width}x{height} pixels"
+            places = []
+            if all(isinstance(row_images, (list, tuple)) for row_images in batch_images):
+                places = [(row, k) for row, row_images in enumerate(batch_images) for k in range(len(row_images))]
+            if len(places) == len(flat):
+                row, k = places[index]
+                where = f"row {row} of the batch, image {k} of the row ({where})"
+            raise ValueError(f"{where}: Qwen2-VL's image processor cannot resize it: {error}") from error
+    return grids

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from sentence_transformers.base.losses.gradcache import _create_minibatch
 from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 from torch.utils.data import DataLoader
 
-from st_viomni import DeferredPixelCollator, format_input
+from st_viomni import DeferredPixelCollator, deferred_pixels, format_input, formatting
 from st_viomni.deferred_pixels import IMAGES, image_grid, with_pixels
 from st_viomni.losses import CachedPrefixRoutedLoss, PrefixRoutedLoss, make_label
 from st_viomni.losses.token_budget import (
@@ -342,3 +344,66 @@ def test_select_rows_gathers_the_rows_and_their_images_only(tiny_model, collator
     text_only = select_rows(anchor, torch.tensor([3, 6]))
     assert text_only["image_grid_thw"].shape == (0, 3)
     assert text_only.get("pixel_values", torch.empty(0)).numel() == 0 and not text_only.get(IMAGES)
+
+
+def test_an_image_qwen2_vl_cannot_resize_is_named_by_column_row_and_index(tiny_model, monkeypatch):
+    # Qwen2-VL's smart_resize refuses aspect ratios over 200 (a tall receipt strip). Data validation refuses such
+    # an image first (st_viomni.formatting.load_image); should one reach the collator, it says which it is.
+    monkeypatch.setattr(formatting, "MAX_ASPECT_RATIO", math.inf, raising=False)  # a validation that lets it in
+    square = Image.new("RGB", (56, 56), (200, 30, 30))
+    strip = Image.new("RGB", (20, 4200), (255, 255, 255))
+    positives = [[], [square], [square, strip]]
+    rows = [
+        {
+            "anchor": format_input("ocr", f"Ảnh {index} ghi gì?", [square]),
+            "positive": format_input("ocr", f"câu trả lời {index}", images),
+            "label": make_label("ocr", None, f"câu trả lời {index}", images),
+        }
+        for index, images in enumerate(positives)
+    ]
+    message = (
+        r"column 'positive': row 2 of the batch, image 1 of the row \(image 2 of the column, 20x4200 pixels\): "
+        r"Qwen2-VL's image processor cannot resize it: absolute aspect ratio must be smaller than 200, got 210"
+    )
+    with pytest.raises(ValueError, match=message):
+        DeferredPixelCollator(tiny_model.preprocess)(rows)
+
+
+def test_the_collator_names_the_column_of_an_input_the_model_refuses(tiny_model):
+    rows = image_rows()[:3]
+    rows[1]["positive"] = None
+    with pytest.raises(ValueError, match=r"^column 'positive': input 1\b"):
+        DeferredPixelCollator(tiny_model.preprocess)(rows)
+
+
+@pytest.mark.parametrize(
+    ("loss_class", "options"),
+    [
+        (PrefixRoutedLoss, {}),
+        (CachedPrefixRoutedLoss, {"mini_batch_size": 2}),
+        (CachedPrefixRoutedLoss, {"mini_batch_size": 8, "mini_batch_num_tokens": 120}),
+    ],
+    ids=["plain", "rows", "tokens"],
+)
+def test_a_grid_mismatch_gives_both_grids_and_the_image_size(tiny_model, monkeypatch, loss_class, options):
+    # Should the size-only grid ever disagree with the image processor, the step stops rather than embed misaligned
+    # tokens, with what the disagreement is debugged from; no positions, which the token budget's length order
+    # would make misleading.
+    rows = image_rows()
+    bad = rows[4]["anchor"]["image"][0]
+    size_only_grid = deferred_pixels.image_grid
+
+    def wrong_grid_for_bad(image, processor):
+        return [1, 2, 2] if image is bad else size_only_grid(image, processor)
+
+    monkeypatch.setattr(deferred_pixels, "image_grid", wrong_grid_for_bad)
+    batch = features(DeferredPixelCollator(tiny_model.preprocess), rows)
+    processor = tiny_model[0].processor.image_processor
+    _, grid_rows, grid_columns = size_only_grid(bad, processor)  # the collator hands it on resized to this grid
+    width, height = grid_columns * processor.patch_size, grid_rows * processor.patch_size
+    message = (
+        rf"the image processor gave grids \[.*\] for images of \(width, height\) \[.*\({width}, {height}\).*\], "
+        r"DeferredPixelCollator computed \[.*\[1, 2, 2\].*\] from their sizes"
+    )
+    with torch.no_grad(), pytest.raises(RuntimeError, match=message):
+        loss_class(tiny_model, **options)(*batch)

@@ -87,3 +87,24 @@ def test_decode_labels_rejects_other_label_shapes_and_unknown_task_indices():
         decode_labels(None)
     with pytest.raises(ValueError, match="row 1: label names no known task"):
         decode_labels(torch.tensor([make_label("instr"), [9.0, float("nan"), 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "message"),
+    [
+        ([math.nan, math.nan, 0.0, 0.0], r"row 1: label names no known task \(task index nan\)"),
+        ([math.inf, math.nan, 0.0, 0.0], r"row 1: label names no known task \(task index inf\)"),
+        ([-math.inf, math.nan, 0.0, 0.0], r"row 1: label names no known task \(task index -inf\)"),
+        ([1.5, math.nan, 0.0, 0.0], r"row 1: label names no known task \(task index 1.5\)"),
+        ([1.0, math.nan, math.nan, 0.0], r"row 1: label's positive key halves must be whole numbers in \[0, 2\*\*24\)"),
+        ([1.0, math.nan, 0.0, math.inf], r"row 1: label's positive key halves .* got \[0.0, inf\]"),
+        ([1.0, math.nan, -5.0, 3.0], r"row 1: label's positive key halves .* got \[-5.0, 3.0\]"),
+        ([1.0, math.nan, 0.5, 3.0], r"row 1: label's positive key halves .* got \[0.5, 3.0\]"),
+        ([1.0, math.nan, 2.0**24, 3.0], r"row 1: label's positive key halves .* got \[16777216.0, 3.0\]"),
+    ],
+)
+def test_decode_labels_rejects_non_finite_or_out_of_range_values_naming_the_row(bad_row, message):
+    # A corrupted label must fail with the row, not with int()'s "cannot convert float NaN to integer".
+    labels = torch.tensor([make_label("instr", None, "hello"), bad_row])  # float32, as collated
+    with pytest.raises(ValueError, match=message):
+        decode_labels(labels)

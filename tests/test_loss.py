@@ -242,6 +242,34 @@ def test_invalid_hyperparameters_raise():
         make_loss(triplet_weight=-1.0)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": math.inf}, r"temperature must be a finite positive number, got inf"),
+        ({"temperature": NAN}, r"temperature must be a finite positive number, got nan"),
+        ({"temperature": "0.05"}, r"temperature must be a finite positive number, got '0.05'"),
+        ({"mse_weight": math.inf}, r"mse_weight must be a finite non-negative number, got inf"),
+        ({"cosine_weight": NAN}, r"cosine_weight must be a finite non-negative number, got nan"),
+        ({"triplet_weight": "1"}, r"triplet_weight must be a finite non-negative number, got '1'"),
+        ({"margins": {"ocr": NAN}}, r"margins\['ocr'\] must be a finite non-negative number, got nan"),
+        ({"margins": {"vqa_single": math.inf}}, r"margins\['vqa_single'\] must be .*, got inf"),
+        ({"margins": {"vqa_multi": -0.1}}, r"margins\['vqa_multi'\] must be .*, got -0.1"),
+        # Strings are refused rather than converted, as the recipe loader refuses them for the other values.
+        ({"margins": {"ocr": "0.2"}}, r"margins\['ocr'\] must be a finite non-negative number, got '0.2'"),
+        ({"margins": {"ocr": True}}, r"margins\['ocr'\] must be a finite non-negative number, got True"),
+    ],
+)
+def test_non_finite_or_non_numeric_hyperparameters_raise_naming_them(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_loss(**kwargs)
+
+
+def test_zero_weights_and_margins_are_allowed():
+    loss = make_loss(mse_weight=0, cosine_weight=0.0, triplet_weight=0, margins={"ocr": 0, "vqa_multi": 0.0})
+    assert loss.margins["ocr"] == 0.0 and isinstance(loss.margins["ocr"], float)
+    assert (loss.mse_weight, loss.cosine_weight, loss.triplet_weight) == (0.0, 0.0, 0.0)
+
+
 def reference_losses(
     anchors,
     positives,
