@@ -4,6 +4,8 @@ stand-in for the Hub API that records uploads instead of sending them."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -30,6 +32,19 @@ def tiny_model(tiny_base):
 
     torch.manual_seed(0)
     return build_model(tiny_base, embedding_dim=TINY_EMBEDDING_DIM)
+
+
+@pytest.fixture(scope="session")
+def run_on_two_processes():
+    """``run(script, *args, timeout=...)``: the script under torchrun in two processes (gloo on CPU, one thread
+    each, offline), returning the completed process."""
+
+    def run(script, *args, timeout: float) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+        return subprocess.run([*command, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run
 
 
 class FakeHub:

@@ -16,6 +16,7 @@ from st_viomni.data import (
     build_training_dataset,
     mini_mixture,
     render_sample,
+    vqa_single_samples,
 )
 from st_viomni.losses.labels import make_label
 
@@ -145,3 +146,49 @@ def test_the_trainer_takes_a_step_on_the_mini_mixture(tiny_model, tmp_path, stre
     result = trainer.train()
 
     assert result.global_step == 1 and math.isfinite(result.training_loss)
+
+
+@pytest.fixture
+def unverified_vqa(tmp_path):
+    """Six vqa_single samples validated with verify_images=False; row 3's image is a corrupt PNG."""
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    rows = [
+        {"images": "bad.png" if index == 3 else "ok.png", "question": f"q{index}", "answer": f"a{index}"}
+        for index in range(6)
+    ]
+
+    def samples(streaming):
+        dataset = Dataset.from_list(rows)
+        dataset = dataset.to_iterable_dataset() if streaming else dataset
+        return vqa_single_samples(dataset, image_root=str(tmp_path), verify_images=False, on_error="skip")
+
+    return samples
+
+
+def _trainer_rows(training, streaming):
+    # What the trainer's DataLoader does: iterate a stream, fetch a batch of indices from a Dataset.
+    return list(training) if streaming else training.__getitems__(list(range(len(training))))
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["dataset", "iterable"])
+def test_an_unverified_corrupt_image_is_skipped_when_rendered_and_reported_with_its_path(unverified_vqa, streaming):
+    report = ValidationReport()
+    training = build_training_dataset(unverified_vqa(streaming), on_error="skip", report=report)
+
+    rows = _trainer_rows(training, streaming)
+
+    assert [row["positive"] for row in rows] == [f"<vqa_single> a{index}" for index in (0, 1, 2, 4, 5)]
+    assert report.counts == {"unreadable_image": 1}
+    (problem,) = report.examples["unreadable_image"]
+    assert problem["column"] == "anchor_images[0]" and "bad.png" in problem["detail"]
+    # A stream knows the sample's position; a Dataset's transform sees a batch, not its indices.
+    assert problem["row"] == (3 if streaming else None)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["dataset", "iterable"])
+def test_an_unverified_corrupt_image_raises_naming_the_file(unverified_vqa, streaming):
+    training = build_training_dataset(unverified_vqa(streaming))
+
+    with pytest.raises(InvalidRowError, match=r"column 'anchor_images\[0\]': unreadable_image: .*bad\.png"):
+        _trainer_rows(training, streaming)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import struct
+import zlib
 
 import pytest
 from datasets import Dataset
@@ -147,3 +149,51 @@ def test_malformed_conversations_are_bad_rows():
     assert samples["positive"] == ["A1."]
     assert report.counts == {"bad_conversation": 1, "empty_text": 1}
     assert report.examples["empty_text"][0]["column"] == "conversations[0]"
+
+
+def _write_huge_png(path, width, height):
+    """A 1-bit black PNG: a few KB on disk, ``width * height`` pixels once decoded."""
+    raw = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    data = b"".join(raw.compress(row) for _ in range(height)) + raw.flush()
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def oversized_rows(tmp_path):
+    """Four VQA rows: good, 15000x15000 (over Pillow's pixel limit), good, 20x4200 (aspect ratio 210)."""
+    good = tmp_path / "good.png"
+    Image.new("RGB", (56, 56), "red").save(good)
+    huge = tmp_path / "huge.png"
+    _write_huge_png(huge, 15_000, 15_000)
+    assert huge.stat().st_size < 100_000
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (20, 4200), "blue").save(thin)
+    return Dataset.from_dict(
+        {
+            "images": [[str(good)], [str(huge)], [str(good)], [str(thin)]],
+            "question": ["What colour?"] * 4,
+            "answer": ["Red.", "Black.", "Đỏ.", "Blue."],
+        }
+    )
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["dataset", "iterable"])
+def test_images_too_large_or_too_thin_for_qwen2_vl_are_unreadable_rows(oversized_rows, streaming):
+    rows = oversized_rows.to_iterable_dataset() if streaming else oversized_rows
+    report = ValidationReport()
+
+    kept = list(vqa_single_samples(rows, on_error="skip", report=report))
+
+    assert [sample["positive"] for sample in kept] == ["Red.", "Đỏ."]
+    assert report.counts == {"unreadable_image": 2}
+    huge, thin = report.examples["unreadable_image"]
+    assert (huge["row"], huge["column"], thin["row"], thin["column"]) == (1, "images[0]", 3, "images[0]")
+    assert "huge.png" in huge["detail"] and "thin.png" in thin["detail"] and "aspect ratio" in thin["detail"]
+    with pytest.raises(InvalidRowError, match=r"row 1, column 'images\[0\]': unreadable_image: .*huge\.png"):
+        list(vqa_single_samples(rows))

@@ -7,9 +7,6 @@ part) and the tests below read its JSON report.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,14 +16,9 @@ SCENARIOS = ("plain_find_unused_False", "plain_find_unused_True", "cached_find_u
 
 
 @pytest.fixture(scope="module")
-def ddp_report(tiny_base, tmp_path_factory):
+def ddp_report(tiny_base, tmp_path_factory, run_on_two_processes):
     result_path = tmp_path_factory.mktemp("ddp") / "report.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(SCRIPT), str(tiny_base), str(result_path),
-    ]  # fmt: skip
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    completed = run_on_two_processes(SCRIPT, tiny_base, result_path, timeout=240)
     assert completed.returncode == 0 and result_path.exists(), completed.stdout[-3000:] + completed.stderr[-5000:]
     return json.loads(result_path.read_text(encoding="utf-8"))
 

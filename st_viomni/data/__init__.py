@@ -11,7 +11,8 @@ The flow (see DESIGN.md, "How data flows")::
   :func:`validate_samples`.
 * :mod:`~st_viomni.data.validation`: ``on_error="raise"|"skip"``, :class:`ValidationReport`.
 * :mod:`~st_viomni.data.dialogue`: :func:`render_dialogue`, how a dialogue history becomes anchor text.
-* :mod:`~st_viomni.data.mixture`: :func:`mix_tasks`, :func:`default_proportions`.
+* :mod:`~st_viomni.data.mixture`: :func:`mix_tasks`, :func:`default_proportions`, :func:`reshard_stream` (a
+  stream's rows in enough shards for every process and DataLoader worker).
 * :mod:`~st_viomni.data.training`: :func:`build_training_dataset` (``anchor, positive, label`` rows rendered
   with ``format_input`` and ``make_label``).
 * :mod:`~st_viomni.data.mini`: :func:`mini_mixture`, a small deterministic Vietnamese/English dataset of all
@@ -36,7 +37,7 @@ from .adapters import (
 )
 from .dialogue import expand_turns, parse_conversation, render_dialogue
 from .mini import mini_mixture, mini_samples
-from .mixture import default_proportions, mix_tasks
+from .mixture import default_proportions, mix_tasks, reshard_stream
 from .schema import CANONICAL_COLUMNS, CANONICAL_FEATURES, REASONS, RowProblem, check_sample
 from .training import TRAINING_COLUMNS, TRAINING_FEATURES, build_training_dataset, render_sample
 from .validation import InvalidRowError, ValidationReport
@@ -62,6 +63,7 @@ __all__ = [
     "parse_conversation",
     "render_dialogue",
     "render_sample",
+    "reshard_stream",
     "text_pair_samples",
     "validate_samples",
     "vqa_multi_samples",

@@ -4,9 +4,14 @@ The seed trains on ~11M samples: 5.6M ``text_pair``, 0.6M ``instr``, 2.5M ``ocr`
 here into ``vqa_single`` and ``vqa_multi``). :func:`default_proportions` turns those counts into sampling
 probabilities; :func:`mix_tasks` draws each next sample from a task chosen with these probabilities
 (``datasets.interleave_datasets``, seeded), which works the same for ``Dataset`` and streaming
-``IterableDataset`` sources. With streams nothing is read ahead: the mixture pulls one sample at a time from
-the chosen source, so an 11M-sample mixture holds one sample (and its images, decoded when it is read) at a
-time, whatever its length.
+``IterableDataset`` sources. With streams the mixture pulls one sample at a time from the chosen source, so an
+11M-sample mixture holds what its sources' shuffle buffers hold (and the images of the sample being read),
+whatever its length. :func:`mix_tasks` refuses a task without a single valid sample (an empty source, or one
+whose every row validation skipped): a stream is read up to its first sample to check it.
+
+Several processes (DDP) and DataLoader workers: the trainer gives each process, and each process's workers,
+their own shards of a streamed mixture, and a mixture has as many shards as its source with the fewest
+(see :func:`reshard_stream`, which gives every source enough of them).
 
 Example:
     ::
@@ -23,13 +28,16 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Literal
 
+import pyarrow as pa
 from datasets import Dataset, IterableDataset, interleave_datasets
 
 from ..tasks import TASK_NAMES, TASKS, get_task
 from .schema import CANONICAL_FEATURES
+from .validation import ValidationReport
 
 StoppingStrategy = Literal["first_exhausted", "all_exhausted", "all_exhausted_without_replacement"]
 
@@ -57,6 +65,7 @@ def mix_tasks(
     *,
     seed: int = 0,
     stopping_strategy: StoppingStrategy = "first_exhausted",
+    report: ValidationReport | None = None,
 ) -> Dataset | IterableDataset:
     """Interleave per-task canonical samples, drawing each sample's task with the given proportions.
 
@@ -72,9 +81,17 @@ def mix_tasks(
             restarts exhausted sources until every source was used once (oversampling);
             ``"all_exhausted_without_replacement"`` uses every sample once, the remaining sources filling in
             after one runs out.
+        report: The report the sources' adapters write to, for the counts in the error below. The rows read
+            to check a stream are read again in training, so they are not left counted in it.
 
     Returns:
         One dataset of canonical samples, of the same kind as the sources.
+
+    Raises:
+        ValueError: A task with a weight above 0 has no sample: an empty ``Dataset``, or a stream that ends
+            before its first valid sample (which would otherwise end a ``first_exhausted`` mixture at that
+            task's first draw, silently). To check, each stream is read here, in this process, up to its
+            first sample: a row or a few, or a shuffle buffer's worth of rows for a shuffled stream.
     """
     if not samples_by_task:
         raise ValueError("mix_tasks needs at least one task's samples")
@@ -95,6 +112,8 @@ def mix_tasks(
 
     weights = _normalised(samples_by_task, proportions)
     tasks = [task for task in samples_by_task if weights[task] > 0]
+    for task in tasks:
+        _check_has_a_sample(task, samples_by_task[task], report)
     if len(tasks) == 1:
         return samples_by_task[tasks[0]]
     return interleave_datasets(
@@ -103,6 +122,93 @@ def mix_tasks(
         seed=seed,
         stopping_strategy=stopping_strategy,
     )
+
+
+def reshard_stream(rows: IterableDataset, num_shards: int) -> IterableDataset:
+    """The same rows, in at least ``num_shards`` shards, so that each process and DataLoader worker reads its own.
+
+    Under DDP the trainer's dataloader (accelerate's ``prepare_data_loader``, with ``dispatch_batches=False``
+    as :func:`~st_viomni.train.training_arguments` sets for streams) gives each of ``world_size`` processes
+    its share of a streamed mixture's shards (``IterableDataset.shard``) when the mixture has at least
+    ``world_size`` of them. With fewer, every process reads, validates and decodes the whole stream and keeps
+    ``1/world_size`` of its batches. A mixture has as many shards as its source with the fewest, and each
+    process's DataLoader workers split its shards again (a worker left without one stops). So call this on the
+    raw rows of every streamed source, before its adapter, with ``num_shards = world_size * max(1,
+    dataloader_num_workers)``: each worker then validates and decodes only the rows of its own shards.
+
+    A stream with enough shards (files) is returned as is. Otherwise Parquet files are split by row group
+    (``IterableDataset.reshard``), and if that is still too few, each shard (file) is split by row number
+    into ``ceil(num_shards / shards)`` parts: part ``j`` of ``k`` holds the shard's rows ``j, j + k, ...``.
+    Each such part reads its whole file, as Arrow batches, and passes on only its own rows. All processes
+    must call this with the same arguments, so that they split the rows the same way.
+
+    Example:
+        ::
+
+            rows = load_dataset("json", data_files="vqa.jsonl", split="train", streaming=True)  # 1 shard
+            samples = vqa_single_samples(reshard_stream(rows, 8 * 4))  # 8 processes with 4 workers each
+    """
+    if not isinstance(rows, IterableDataset):
+        raise TypeError(f"reshard_stream needs a datasets.IterableDataset, got {type(rows).__name__}")
+    if rows.num_shards >= num_shards:
+        return rows
+    rows = rows.reshard()
+    if rows.num_shards >= num_shards:
+        return rows
+    parts_per_shard = math.ceil(num_shards / rows.num_shards)
+    parts = [(shard, part) for shard in range(rows.num_shards) for part in range(parts_per_shard)]
+    # A list in gen_kwargs is what datasets splits between shards: one (shard, part) pair per shard here.
+    return IterableDataset.from_generator(
+        _rows_of_parts,
+        features=rows.features,
+        gen_kwargs={"parts": parts, "rows": rows, "parts_per_shard": parts_per_shard},
+    )
+
+
+def _rows_of_parts(parts: list[tuple[int, int]], rows: IterableDataset, parts_per_shard: int) -> Iterator[dict]:
+    for shard, part in parts:
+        start = 0
+        # Arrow batches: the rows of other parts are dropped before they become Python objects, undecoded.
+        for table in rows.shard(rows.num_shards, shard).with_format("arrow").iter(batch_size=256):
+            own = pa.array(range((part - start) % parts_per_shard, len(table), parts_per_shard), type=pa.int64())
+            start += len(table)
+            yield from table.take(own).to_pylist()
+
+
+def _check_has_a_sample(task: str, samples: Dataset | IterableDataset, report: ValidationReport | None) -> None:
+    if isinstance(samples, Dataset):
+        if len(samples):
+            return
+        seen = f"; validation of all sources: {report.summary().splitlines()[0]}" if report is not None else ""
+        raise ValueError(
+            f"no valid {task!r} sample: its samples are empty (an empty source, or every row was skipped){seen}"
+        )
+    before = _snapshot(report)
+    try:
+        next(iter(samples))
+    except StopIteration:
+        raise ValueError(f"no valid {task!r} sample: {_rows_read(before, report)}") from None
+    if report is not None:
+        # Training reads these rows again, and counts them then.
+        report.rows_seen, report.rows_skipped, report.counts, report.examples = before
+
+
+def _snapshot(report: ValidationReport | None) -> tuple | None:
+    if report is None:
+        return None
+    examples = {reason: list(entries) for reason, entries in report.examples.items()}
+    return report.rows_seen, report.rows_skipped, report.counts.copy(), examples
+
+
+def _rows_read(before: tuple | None, report: ValidationReport | None) -> str:
+    """What reading a stream to its end added to its report (the rows of that stream alone)."""
+    if report is None:
+        return "the stream yields none (an empty source, or every row was skipped)"
+    seen, skipped = report.rows_seen - before[0], report.rows_skipped - before[1]
+    if not seen:
+        return "the stream is empty"
+    reasons = ", ".join(f"{reason} {count}" for reason, count in (report.counts - before[2]).most_common())
+    return f"{skipped} of {seen} rows skipped" + (f": {reasons}" if reasons else "")
 
 
 def _normalised(

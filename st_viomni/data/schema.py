@@ -171,9 +171,10 @@ def check_images(
         value: The field's value.
         column: Column name for error messages.
         image_root: Directory that relative paths are relative to (e.g. the folder of a JSON file).
-        verify: Decode every image with :func:`st_viomni.formatting.load_image` to prove it is readable.
-            Off, only the existence of paths is checked (faster on huge streams; a corrupt file then fails
-            later, when the trainer reads it).
+        verify: Decode every image with :func:`st_viomni.formatting.load_image` to prove it is readable
+            (and that Qwen2-VL takes it: see :func:`decode_image`). Off, only the existence of paths is
+            checked (faster on huge streams); a bad image is then found when
+            :func:`~st_viomni.data.build_training_dataset` renders its sample, during training.
 
     Returns:
         The images as ``{"bytes", "path"}`` dicts (paths resolved) or PIL images, ready for ``List(Image())``.
@@ -192,7 +193,7 @@ def check_images(
         name = f"{column}[{index}]"
         storable = _storable_image(image, name, image_root)
         if verify:
-            _verify_image(storable, name)
+            decode_image(storable, name)
         elif isinstance(storable, dict) and storable["bytes"] is None and not os.path.isfile(storable["path"]):
             # Without decoding, a path is still checked for existence: a cheap stat that catches typos.
             raise RowProblem(name, MISSING_IMAGE_FILE, f"image file not found: {storable['path']!r}")
@@ -231,13 +232,23 @@ def _resolve(path: str | os.PathLike, image_root: str | os.PathLike | None) -> s
     return path
 
 
-def _verify_image(image: Any, name: str) -> None:
+def decode_image(image: Any, name: str) -> PILImage.Image:
+    """Decode one image with :func:`st_viomni.formatting.load_image` (which also refuses images over Pillow's
+    pixel limit and images Qwen2-VL cannot take, such as an aspect ratio above 200).
+
+    Raises:
+        RowProblem: ``missing_image_file`` or ``unreadable_image`` on column ``name``; the detail names the
+            file (or, for encoded bytes, their size and the path stored with them).
+    """
     try:
-        load_image(image, name=name)
+        return load_image(image, name=name)
     except FileNotFoundError as error:
         raise RowProblem(name, MISSING_IMAGE_FILE, str(error).removeprefix(f"{name}: ")) from None
     except ValueError as error:
-        raise RowProblem(name, UNREADABLE_IMAGE, str(error).removeprefix(f"{name}: ")) from None
+        detail = str(error).removeprefix(f"{name}: ")
+        if isinstance(image, Mapping) and image.get("bytes") is not None and image.get("path"):
+            detail += f" (stored with path {image['path']!r})"
+        raise RowProblem(name, UNREADABLE_IMAGE, detail) from None
 
 
 def make_sample(

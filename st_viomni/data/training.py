@@ -13,7 +13,13 @@ sentence-transformers' collator takes ``label`` as the batch label and feeds ``a
 
 Rendering happens when a row is read, never ahead: a ``Dataset`` gets a ``with_transform`` (its stored
 columns stay the canonical ones, images stay encoded until a batch is drawn), an ``IterableDataset`` a lazy
-``map``. Nothing is materialised, so an 11M-sample stream costs the memory of one batch.
+``map``. Nothing is materialised here: a stream holds what its sources hold (the shuffle buffer of each
+source from :func:`~st_viomni.data.sources.load_samples_by_task`) plus the batch being rendered.
+
+Images are decoded while a sample is rendered, not by the ``datasets.Image`` feature beforehand, so that an
+image that fails to decode (one the adapters did not decode, with ``verify_images=False``) is a bad sample
+like any other: an :class:`~st_viomni.data.InvalidRowError` naming the file, or, in skip mode, a sample left
+out and counted in the report.
 
 Training on a streamed dataset needs ``accelerator_config={"dispatch_batches": False}`` in the training
 arguments: for an ``IterableDataset`` accelerate by default builds each batch in the main process and slices
@@ -37,11 +43,13 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
+from functools import partial
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, Features, IterableDataset, Json, List, Value
+from datasets import Dataset, Features, Image, IterableDataset, Json, List, Value
 
 from ..formatting import format_input
 from ..losses.labels import make_label
@@ -50,12 +58,11 @@ from .schema import (
     BAD_SAMPLE,
     BAD_SCORE,
     CANONICAL_COLUMNS,
-    MISSING_IMAGE_FILE,
     UNEXPECTED_SCORE,
     UNKNOWN_TASK,
-    UNREADABLE_IMAGE,
     RowProblem,
     check_score,
+    decode_image,
 )
 from .validation import InvalidRowError, OnError, ValidationReport
 
@@ -70,20 +77,28 @@ TRAINING_FEATURES = Features({"anchor": Json(), "positive": Json(), "label": Lis
 def render_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """Render one canonical sample as a trainer row ``{"anchor", "positive", "label"}`` (see module doc).
 
+    Images may be PIL images, paths, bytes or ``{"bytes", "path"}`` dicts; each is decoded here.
+
     Raises:
-        ValueError: from ``format_input`` (no text and no image, an unreadable image, a prefixed text) or
-            ``make_label`` (unknown task, bad score).
+        RowProblem: an image that names no file or cannot be decoded, on its column (``anchor_images[0]``).
+        ValueError: from ``format_input`` (no text and no image, a prefixed text) or ``make_label`` (unknown
+            task, bad score).
     """
     task = sample["task"]
-    positive_images = sample.get("positive_images") or []
+    anchor_images = _decoded_images(sample.get("anchor_images"), "anchor_images")
+    positive_images = _decoded_images(sample.get("positive_images"), "positive_images")
     score = sample.get("score")
     if score is not None and isinstance(score, float) and math.isnan(score):
         score = None
     return {
-        "anchor": format_input(task, sample.get("anchor"), sample.get("anchor_images") or []),
+        "anchor": format_input(task, sample.get("anchor"), anchor_images),
         "positive": format_input(task, sample.get("positive"), positive_images),
         "label": make_label(task, score, positive_text=sample.get("positive"), positive_images=positive_images),
     }
+
+
+def _decoded_images(images: list[Any] | None, column: str) -> list[Any]:
+    return [decode_image(image, f"{column}[{index}]") for index, image in enumerate(images or [])]
 
 
 def build_training_dataset(
@@ -96,7 +111,10 @@ def build_training_dataset(
 
     Samples from the adapters are already validated. As a safety net this function also checks what the
     label needs: for a ``Dataset``, every row's ``task`` and ``score`` up front (cheap: two small columns);
-    for an ``IterableDataset``, every sample as it is rendered, naming its position in the stream.
+    for an ``IterableDataset``, every sample as it is rendered, naming its position in the stream. A sample
+    whose image fails to decode when it is rendered is a bad sample too (see the module docstring); in skip
+    mode a ``Dataset``'s batch then comes out one row short, and the report names the image's file but no
+    row index (a transform sees a batch, not its indices).
 
     Args:
         samples: A ``Dataset`` or ``IterableDataset`` with the canonical columns.
@@ -119,12 +137,13 @@ def build_training_dataset(
             f"samples lack the canonical column(s) {missing}; got {samples.column_names}. "
             "Make them with an st_viomni.data adapter (or validate_samples for your own canonical rows)."
         )
+    skip = on_error == "skip"
     if isinstance(samples, Dataset):
-        samples = _checked_dataset(samples, on_error, report)
-        return samples.with_transform(_render_batch)
-    return samples.map(
+        samples = _undecoded_images(_checked_dataset(samples, on_error, report))
+        return samples.with_transform(partial(_render_batch, skip=skip, report=report))
+    return samples.decode(False).map(
         _render_stream_batch,
-        fn_kwargs={"skip": on_error == "skip", "report": report},
+        fn_kwargs={"skip": skip, "report": report},
         batched=True,
         # One sample per call: a bad one can be dropped, and no batch of decoded images is held here.
         batch_size=1,
@@ -134,13 +153,31 @@ def build_training_dataset(
     )
 
 
-def _render_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    columns = list(batch)
+def _undecoded_images(samples: Dataset) -> Dataset:
+    # The {"bytes", "path"} values are stored the same whether an image feature decodes or not, so only the
+    # features change, on a copy that shares the Arrow data (what Dataset.cast_column does for an Image()
+    # column; for a List(Image()) column it would rewrite every row). Nothing is written or cached from it.
+    undecoded = copy.deepcopy(samples)
+    undecoded.info.features = Features(
+        {
+            name: List(Image(decode=False), length=feature.length)
+            if isinstance(feature, List) and isinstance(feature.feature, Image)
+            else feature
+            for name, feature in samples.features.items()
+        }
+    )
+    return undecoded
+
+
+def _render_batch(batch: dict[str, list[Any]], *, skip: bool, report: ValidationReport) -> dict[str, list[Any]]:
+    # Bad task/score rows were dropped up front; what can fail here is an image or an input with nothing in it.
     output: dict[str, list[Any]] = {column: [] for column in TRAINING_COLUMNS}
+    columns = list(batch)
     for values in zip(*(batch[column] for column in columns)):
-        row = render_sample(dict(zip(columns, values)))
-        for column in TRAINING_COLUMNS:
-            output[column].append(row[column])
+        row = _rendered_or_recorded(dict(zip(columns, values)), None, skip, report)
+        if row is not None:
+            for column in TRAINING_COLUMNS:
+                output[column].append(row[column])
     return output
 
 
@@ -150,26 +187,30 @@ def _render_stream_batch(
     output: dict[str, list[Any]] = {column: [] for column in TRAINING_COLUMNS}
     columns = list(batch)
     for index, values in zip(indices, zip(*(batch[column] for column in columns))):
-        sample = dict(zip(columns, values))
         report.rows_seen += 1
-        try:
-            _check_label_fields(sample.get("task"), sample.get("score"))
-            row = render_sample(sample)
-        except RowProblem as problem:
-            problem.row = index
-            if not skip:
-                raise InvalidRowError(problem, "build_training_dataset") from None
-            report.record(problem, "build_training_dataset")
-            continue
-        except ValueError as error:
-            problem = RowProblem("sample", _reason_of(error), str(error), row=index)
-            if not skip:
-                raise InvalidRowError(problem, "build_training_dataset") from None
-            report.record(problem, "build_training_dataset")
-            continue
-        for column in TRAINING_COLUMNS:
-            output[column].append(row[column])
+        row = _rendered_or_recorded(dict(zip(columns, values)), index, skip, report)
+        if row is not None:
+            for column in TRAINING_COLUMNS:
+                output[column].append(row[column])
     return output
+
+
+def _rendered_or_recorded(
+    sample: dict[str, Any], index: int | None, skip: bool, report: ValidationReport
+) -> dict[str, Any] | None:
+    """The trainer row of ``sample``; for a bad sample, an InvalidRowError, or in skip mode None (recorded)."""
+    try:
+        _check_label_fields(sample.get("task"), sample.get("score"))
+        return render_sample(sample)
+    except RowProblem as error:
+        problem = error
+        problem.row = index
+    except ValueError as error:
+        problem = RowProblem("sample", _reason_of(error), str(error), row=index)
+    if not skip:
+        raise InvalidRowError(problem, "build_training_dataset") from None
+    report.record(problem, "build_training_dataset")
+    return None
 
 
 def _reason_of(error: ValueError) -> str:
@@ -179,10 +220,6 @@ def _reason_of(error: ValueError) -> str:
         return UNKNOWN_TASK
     if "score" in message:
         return BAD_SCORE
-    if "not found" in message:
-        return MISSING_IMAGE_FILE
-    if "decode" in message:
-        return UNREADABLE_IMAGE
     return BAD_SAMPLE
 
 

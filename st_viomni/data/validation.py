@@ -123,7 +123,8 @@ class ValidationReport:
 
 def _describe(entry: dict[str, Any]) -> str:
     source = f"{entry['source']}: " if entry.get("source") else ""
-    return f"{source}row {entry['row']}, column {entry['column']!r}: {entry['reason']}: {entry['detail']}"
+    row = f"row {entry['row']}, " if entry.get("row") is not None else ""
+    return f"{source}{row}column {entry['column']!r}: {entry['reason']}: {entry['detail']}"
 
 
 def _is_power_of_ten(number: int) -> bool:
