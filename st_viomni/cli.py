@@ -1,7 +1,7 @@
 """The ``st-viomni`` command line.
 
-Every command has ``--help``; bad arguments (missing model, unknown task, unreadable image) end with a
-one-line ``st-viomni: error: ...`` message and exit status 2, not a traceback.
+Every command has ``--help``; bad arguments (missing model, unknown task, unreadable image), bad recipes and
+unreadable data files end with a one-line ``st-viomni: error: ...`` message and exit status 2, not a traceback.
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ def _encode(args: argparse.Namespace) -> None:
     sample = format_input(args.task, args.text, args.image)  # validates task, text and images before loading
     embedding = load_model(args.model).encode([sample], convert_to_numpy=True)
     if args.output:
-        np.save(args.output, embedding)
-        print(f"saved embedding of shape {embedding.shape} to {args.output}")
+        # np.save appends ".npy" to a name without it.
+        path = args.output if args.output.endswith(".npy") else f"{args.output}.npy"
+        np.save(path, embedding)
+        print(f"saved embedding of shape {embedding.shape} to {path}")
     else:
         np.set_printoptions(precision=5, suppress=True, threshold=sys.maxsize)
         print(embedding)
@@ -73,13 +75,16 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .evaluation import build_evaluator, summarize
     from .recipe import SourceRecipe, load_recipe
 
+    seed = 0
     if args.recipe:
-        sources = load_recipe(args.recipe).data.eval
-        if not sources:
+        data = load_recipe(args.recipe).data
+        if not data.eval:
             raise ValueError(f"{args.recipe}: the recipe has no data.eval sources")
+        # The seed draws the mini samples: the same as training's, so that this is the set the run evaluated on.
+        sources, seed = data.eval, data.seed
     else:
         sources = [SourceRecipe(mini=args.mini, split="test")]
-    samples = load_samples_by_task(sources, on_error="raise")
+    samples = load_samples_by_task(sources, on_error="raise", seed=seed)
     model = load_model(args.model)
     metrics = summarize(build_evaluator(sample for part in samples.values() for sample in part)(model))
     print(f"{'metric':32s} value")
@@ -175,10 +180,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
         handler(args)
-    except (ValueError, FileNotFoundError, OSError, KeyError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        parser.exit(2, f"st-viomni: error: {message}\n")
+    except _user_errors() as error:
+        parser.exit(2, f"st-viomni: error: {_one_line(error)}\n")
     return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What bad arguments, recipes and data raise; anything else is a bug and keeps its traceback."""
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
+    # datasets' errors on the user's data files (a malformed JSON line: DatasetGenerationError). Looked up only
+    # once raised, so that commands that never load data do not import datasets.
+    exceptions = sys.modules.get("datasets.exceptions")
+    if exceptions is not None:
+        errors += (exceptions.DatasetsError,)
+    return errors
+
+
+def _one_line(error: BaseException) -> str:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    cause = error.__cause__
+    if cause is not None and str(cause).strip() and not isinstance(error, (ValueError, OSError, KeyError)):
+        # datasets' generic "An error occurred while generating the dataset": the cause says what was wrong.
+        message = f"{message}: {str(cause).strip().splitlines()[0]}"
+    return message
 
 
 if __name__ == "__main__":

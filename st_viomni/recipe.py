@@ -47,14 +47,21 @@
       repo_id: erax/viOmniQwen
       private: true
 
-Every section is checked when the recipe is loaded: an unknown key, a wrong type or an unknown task is a
-:class:`RecipeError` naming the key (``loss.temprature``), before any model is built.
+Every section is checked when the recipe is loaded, before any model is built: an unknown key, a value of the
+wrong type or out of range (including adapter options and the scalar training arguments), an unknown task, or a
+proportion for a task that no source has is a :class:`RecipeError` naming the key (``loss.temprature``,
+``data.train[0].max_history_turns``, ``training.learning_rate``). What only running can tell, whether the data
+files exist and hold valid rows, and the trainer's own rules across training arguments, is checked when
+:func:`~st_viomni.train.run_recipe` starts: the data before the model is built, the training arguments just after.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import inspect
+import math
+import numbers
 import os
 import types
 import typing
@@ -185,14 +192,9 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
         raise RecipeError("data.train: needs at least one source")
     if data.on_error not in ("skip", "raise"):
         raise RecipeError(f"data.on_error: expected 'skip' or 'raise', got {data.on_error!r}")
-    if isinstance(data.proportions, dict):
-        for name in data.proportions:
-            _task(name, f"data.proportions.{name}")
-    elif data.proportions != "seed":
-        raise RecipeError(f"data.proportions: expected 'seed' or a mapping task -> weight, got {data.proportions!r}")
+    _check_proportions(data)
     loss = _build(LossRecipe, raw.get("loss") or {}, "loss")
-    for name in loss.margins or {}:
-        _task(name, f"loss.margins.{name}")
+    _check_loss_values(loss)
     if loss.mini_batch_size < 1:
         raise RecipeError(f"loss.mini_batch_size: expected a positive number of rows, got {loss.mini_batch_size}")
     if loss.mini_batch_num_tokens is not None and loss.mini_batch_num_tokens < 1:
@@ -200,6 +202,13 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
             f"loss.mini_batch_num_tokens: expected a positive number of tokens, got {loss.mini_batch_num_tokens}"
         )
     training = _training_arguments(raw["training"])
+    if loss.gather_across_devices and training.get("dataloader_drop_last") is False:
+        raise RecipeError(
+            "training.dataloader_drop_last: must be true with loss.gather_across_devices "
+            "(cross-device negatives need equal per-process batches)"
+        )
+    if data.streaming and not training.get("max_steps", -1) > 0:
+        raise RecipeError("training.max_steps: required with data.streaming (a stream has no length)")
     lora = _lora(raw["lora"]) if raw.get("lora") is not None else None
     hub = _build(HubRecipe, raw["hub"], "hub") if raw.get("hub") is not None else None
     return Recipe(model=model, data=data, training=training, loss=loss, lora=lora, hub=hub)
@@ -221,6 +230,58 @@ def _lora(raw: Any) -> LoraRecipe:
     return lora
 
 
+def _check_proportions(data: DataRecipe) -> None:
+    """``"seed"``, or a finite non-negative weight for exactly the tasks the sources have, not all zero."""
+    if not isinstance(data.proportions, dict):
+        if data.proportions != "seed":
+            raise RecipeError(
+                f"data.proportions: expected 'seed' or a mapping task -> weight, got {data.proportions!r}"
+            )
+        return
+    with_sources = _source_tasks(data.train)
+    for name, weight in data.proportions.items():
+        where = f"data.proportions.{name}"
+        _task(name, where)
+        _non_negative(weight, where)
+        if name not in with_sources:
+            # mix_tasks would never see this weight: the task would silently be left out of training.
+            raise RecipeError(
+                f"{where}: weight given but no data.train source has task {name} "
+                f"(the sources have {', '.join(with_sources)})"
+            )
+    missing = [task for task in with_sources if task not in data.proportions]
+    if missing:
+        raise RecipeError(f"data.proportions: no weight for task(s) {missing} that have sources")
+    if not any(data.proportions.values()):
+        raise RecipeError("data.proportions: every weight is 0; give at least one task a positive weight")
+
+
+def _source_tasks(sources: list[SourceRecipe]) -> list[str]:
+    """The tasks that ``sources`` give samples of (a ``mini`` source without a task gives all five)."""
+    return [task for task in TASK_NAMES if any(source.task in (task, None) for source in sources)]
+
+
+def _check_loss_values(loss: LossRecipe) -> None:
+    # The loss checks these too, but only when it is built, after the model.
+    _non_negative(loss.temperature, "loss.temperature", positive=True)
+    for name in ("mse_weight", "cosine_weight", "triplet_weight"):
+        _non_negative(getattr(loss, name), f"loss.{name}")
+    for name, margin in (loss.margins or {}).items():
+        where = f"loss.margins.{name}"
+        _task(name, where)
+        if get_task(name).loss != "triplet":
+            triplet = [task for task in TASK_NAMES if get_task(task).loss == "triplet"]
+            raise RecipeError(f"{where}: task {name} has no triplet term; margins apply to {', '.join(triplet)}")
+        _non_negative(margin, where)
+
+
+def _non_negative(value: Any, where: str, *, positive: bool = False) -> None:
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not is_number or value < 0 or (positive and value == 0):
+        kind = "positive" if positive else "non-negative"
+        raise RecipeError(f"{where}: expected a finite {kind} number, got {value!r}{_string_hint(value)}")
+
+
 def _source(raw: Any, where: str) -> SourceRecipe:
     raw = _mapping(raw, where)
     loaders = [key for key in ("hub", "json", "parquet", "mini") if raw.get(key) is not None]
@@ -231,21 +292,57 @@ def _source(raw: Any, where: str) -> SourceRecipe:
     if raw.get("task") is not None:
         _task(raw["task"], f"{where}.task")
     adapter_kwargs = {key: value for key, value in raw.items() if key not in LOADER_KEYS}
-    if adapter_kwargs:
-        if raw.get("task") is None:
-            raise RecipeError(f"{where}: adapter options {sorted(adapter_kwargs)} need a 'task'")
-        from .data import adapters
-
-        adapter = getattr(adapters, f"{raw['task']}_samples")
-        accepted = set(inspect.signature(adapter).parameters) - {"dataset", "report", "on_error"}
-        for key in adapter_kwargs:
-            if key not in accepted:
-                raise RecipeError(
-                    f"{where}.{key}: unknown key; loader keys are {', '.join(LOADER_KEYS)} and the "
-                    f"{raw['task']} adapter accepts {', '.join(sorted(accepted))}"
-                )
+    if loaders == ["mini"]:
+        if adapter_kwargs:
+            # The mini mixture's samples are canonical already: no adapter reads them, so the options would be
+            # ignored.
+            raise RecipeError(
+                f"{where}.{next(iter(adapter_kwargs))}: adapter options do not apply to a mini source "
+                "(its keys are mini, task, split)"
+            )
+        _mini(raw, where)
+    elif adapter_kwargs:
+        _check_adapter_options(raw["task"], adapter_kwargs, where)
     loader_fields = {key: raw[key] for key in LOADER_KEYS if key in raw}
     return _build(SourceRecipe, {**loader_fields, "adapter_kwargs": adapter_kwargs}, where)
+
+
+def _mini(raw: dict, where: str) -> None:
+    from .data.mini import SPLITS
+
+    count = raw["mini"]
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise RecipeError(f"{where}.mini: expected a positive number of samples per task, got {count!r}")
+    if raw.get("split", "train") not in SPLITS:
+        raise RecipeError(f"{where}.split: the mini mixture has the splits {', '.join(SPLITS)}, got {raw['split']!r}")
+
+
+def _check_adapter_options(task: str, options: dict[str, Any], where: str) -> None:
+    """Each option is a keyword argument of the task's adapter, of the type its signature gives."""
+    from .data import adapters
+
+    adapter = getattr(adapters, f"{task}_samples")
+    hints = typing.get_type_hints(adapter)
+    accepted = set(inspect.signature(adapter).parameters) - {"dataset", "report", "on_error"}
+    for key, value in options.items():
+        if key not in accepted:
+            raise RecipeError(
+                f"{where}.{key}: unknown key; loader keys are {', '.join(LOADER_KEYS)} and the "
+                f"{task} adapter accepts {', '.join(sorted(accepted))}"
+            )
+        if not _matches(value, hints[key]):
+            raise RecipeError(f"{where}.{key}: expected {_type_name(hints[key])}, got {value!r}{_string_hint(value)}")
+    # The adapters' own rules on these values, which they would apply only once the data is loaded.
+    low_high = options.get("score_range")
+    if low_high is not None and not low_high[1] > low_high[0]:
+        raise RecipeError(f"{where}.score_range: expected [low, high] with high > low, got {low_high!r}")
+    turns = options.get("max_history_turns")
+    if turns is not None and turns < 0:
+        raise RecipeError(f"{where}.max_history_turns: expected a number >= 0 (or null: all turns), got {turns}")
+    if options.get("num_proc") is not None and options["num_proc"] < 1:
+        raise RecipeError(f"{where}.num_proc: expected a positive number of processes, got {options['num_proc']}")
+    if options.get("images_column") == []:
+        raise RecipeError(f"{where}.images_column: expected a column name or a non-empty list of names, got []")
 
 
 def _training_arguments(raw: Any) -> dict[str, Any]:
@@ -256,7 +353,39 @@ def _training_arguments(raw: Any) -> dict[str, Any]:
     _reject_unknown(raw, known, "training", hint="a SentenceTransformerTrainingArguments field")
     if not raw.get("output_dir"):
         raise RecipeError("training.output_dir: required (checkpoints and the final model go there)")
+    # SentenceTransformerTrainingArguments cannot be built here: building it initialises torch.distributed, which
+    # must wait until the model is built (see run_recipe). Its numbers, flags and names are checked here, so that a
+    # string learning rate fails now, not inside the optimizer after the model load.
+    hints = typing.get_type_hints(SentenceTransformerTrainingArguments)
+    for key, value in raw.items():
+        if _is_scalar(hints[key]) and not _matches(value, hints[key]):
+            raise RecipeError(f"training.{key}: expected {_type_name(hints[key])}, got {value!r}{_string_hint(value)}")
     return dict(raw)
+
+
+def _is_scalar(hint: Any) -> bool:
+    """Whether ``hint`` is made of bool, int, float, str and None only (not enums, mappings, classes)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return all(option in (bool, int, float, str, type(None)) for option in options)
+
+
+def _string_hint(value: Any) -> str:
+    """How to write a number that YAML read as a string (``1e-5``, ``'16'``), or nothing."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    mantissa, exponent_mark, exponent = value.strip().lower().partition("e")
+    if not exponent_mark:
+        return " (a string: write the number without quotes)"
+    mantissa = mantissa if "." in mantissa else f"{mantissa}.0"
+    exponent = exponent if exponent[:1] in ("+", "-") else f"+{exponent}"
+    return (
+        f" (a string: YAML reads a number with an exponent as a number only with a dot and a signed exponent; "
+        f"write {mantissa}e{exponent})"
+    )
 
 
 def _build(cls, raw: Any, where: str):
@@ -266,7 +395,7 @@ def _build(cls, raw: Any, where: str):
     hints = typing.get_type_hints(cls)
     for key, value in raw.items():
         if not _matches(value, hints[key]):
-            raise RecipeError(f"{where}.{key}: expected {_type_name(hints[key])}, got {value!r}")
+            raise RecipeError(f"{where}.{key}: expected {_type_name(hints[key])}, got {value!r}{_string_hint(value)}")
     try:
         return cls(**raw)
     except TypeError as error:  # a missing required key
@@ -288,6 +417,16 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin is list:
         return isinstance(value, list)
+    if origin is collections.abc.Sequence:  # an adapter's list of column names
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches(element, item) for element in value)
+    if origin is tuple:  # a fixed-length tuple, written as a YAML list
+        items = typing.get_args(hint)
+        return (
+            isinstance(value, list)
+            and len(value) == len(items)
+            and all(_matches(element, item) for element, item in zip(value, items))
+        )
     if origin is dict:
         return isinstance(value, dict)
     if isinstance(hint, type):
@@ -301,6 +440,11 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(option) for option in typing.get_args(hint))
     if origin is list:
         return "a list"
+    if origin is collections.abc.Sequence:
+        (item,) = typing.get_args(hint) or (Any,)
+        return f"a list of {_type_name(item)}"
+    if origin is tuple:
+        return f"a list [{', '.join(map(_type_name, typing.get_args(hint)))}]"
     if origin is dict:
         return "a mapping"
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))

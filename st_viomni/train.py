@@ -1,4 +1,4 @@
-"""Run a training recipe: build the model, mix the data, train with PrefixRoutedLoss, evaluate, save, push.
+"""Run a training recipe: mix the data, build the model, train with PrefixRoutedLoss, evaluate, save, push.
 
 The same code runs on one CPU, one GPU, and under ``torchrun`` / ``accelerate launch`` on many GPUs and nodes
 (DDP, DeepSpeed, FSDP through accelerate configs): every process runs :func:`run_recipe`; the trainer
@@ -50,7 +50,9 @@ class TrainingRun:
     after: dict[str, float] = field(default_factory=dict)
     log_history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: str | None = None
-    skipped_rows: dict[str, int] = field(default_factory=dict)
+    skipped_rows: dict[str, int] | str = field(default_factory=dict)
+    """Rows dropped by validation, per reason (those process 0 read, with a stream on several processes); a
+    string saying why when they are unknown (a stream validated in DataLoader worker processes)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,26 +62,19 @@ def run_recipe(recipe: Recipe, *, callbacks: list | None = None) -> TrainingRun:
     """Train as the recipe says and return the run's results (see the module docstring)."""
     output_dir = recipe.output_dir
     set_seed(recipe.model.seed)
+    # The data before the model: a missing file or a bad source fails in seconds, not after a 2B model load.
+    mixture, proportions, train_dataset, reports = _training_data(recipe)
+    evaluator = None
+    if recipe.data.eval:
+        eval_samples = load_samples_by_task(recipe.data.eval, on_error="raise", seed=recipe.data.seed)
+        evaluator = build_evaluator(sample for part in eval_samples.values() for sample in part)
+
     # Before the training arguments, which initialise torch.distributed: from then on transformers writes
     # checkpoints on rank 0 only, and every process builds the tiny base into a directory of its own.
     model = _build_model(recipe)
     if recipe.lora is not None:
         _add_lora(model, recipe)
     arguments = training_arguments(recipe)
-
-    report = ValidationReport()
-    samples = load_samples_by_task(
-        recipe.data.train, streaming=recipe.data.streaming, on_error=recipe.data.on_error, report=report,
-        seed=recipe.data.seed,
-    )
-    proportions = _proportions(recipe, samples)
-    mixture = mix_tasks(samples, proportions, seed=recipe.data.seed)
-    train_dataset = build_training_dataset(mixture, on_error=recipe.data.on_error, report=report)
-
-    evaluator = None
-    if recipe.data.eval:
-        eval_samples = load_samples_by_task(recipe.data.eval, on_error="raise", seed=recipe.data.seed)
-        evaluator = build_evaluator(sample for part in eval_samples.values() for sample in part)
 
     loss = _loss(model, recipe)
     # The cached loss computes each mini-batch's pixels itself, so that a step's memory does not grow with the
@@ -107,12 +102,18 @@ def run_recipe(recipe: Recipe, *, callbacks: list | None = None) -> TrainingRun:
     if run.resumed_from:
         logger.warning(f"resuming from {run.resumed_from}")
     trainer.train(resume_from_checkpoint=run.resumed_from)
+    if trainer.state.global_step < trainer.state.max_steps:
+        logger.warning(
+            f"training stopped after {trainer.state.global_step} of {trainer.state.max_steps} planned steps: the "
+            "training data ran out (a stream that yields no batch: fewer valid samples than one batch, or none) or "
+            "a callback stopped it; the model card counts the samples of the steps taken"
+        )
     if evaluator is not None:
         run.after = summarize(trainer.evaluate())
     run.log_history = list(trainer.state.log_history)
-    run.skipped_rows = dict(report.counts)
+    run.skipped_rows = _skipped_rows(recipe, reports)
 
-    _fill_model_card(model, recipe, mixture, proportions, loss, run, arguments)
+    _fill_model_card(model, mixture, proportions, loss, run, _samples_seen(trainer, arguments))
     if trainer.is_world_process_zero():
         model.save(run.model_dir)
         with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as file:
@@ -120,6 +121,44 @@ def run_recipe(recipe: Recipe, *, callbacks: list | None = None) -> TrainingRun:
         if recipe.hub is not None:
             model.push_to_hub(recipe.hub.repo_id, private=recipe.hub.private, exist_ok=True, replace_model_card=True)
     return run
+
+
+def _training_data(recipe: Recipe) -> tuple[Dataset | IterableDataset, dict[str, float], Any, list[ValidationReport]]:
+    """The mixture of the recipe's training sources, its proportions, the trainer dataset and the validation reports.
+
+    Two reports, so that no row is counted twice: one for the source rows the adapters read and drop, one for
+    the samples that :func:`build_training_dataset`'s safety net drops.
+    """
+    rows, samples_report = ValidationReport(), ValidationReport()
+    # Every process, and each of its DataLoader workers, reads its own shards of a stream (reshard_stream).
+    workers = int(recipe.training.get("dataloader_num_workers", 0))
+    num_shards = int(os.environ.get("WORLD_SIZE", "1")) * max(1, workers)
+    samples = load_samples_by_task(
+        recipe.data.train, streaming=recipe.data.streaming, on_error=recipe.data.on_error, report=rows,
+        seed=recipe.data.seed, num_shards=num_shards,
+    )
+    proportions = _proportions(recipe, samples)
+    # mix_tasks reads each stream up to its first sample to check it has one; given the report, it leaves the rows
+    # it read uncounted (training reads them again), and names their problems if it has none.
+    mixture = mix_tasks(samples, proportions, seed=recipe.data.seed, report=rows)
+    train_dataset = build_training_dataset(mixture, on_error=recipe.data.on_error, report=samples_report)
+    return mixture, proportions, train_dataset, [rows, samples_report]
+
+
+def _skipped_rows(recipe: Recipe, reports: list[ValidationReport]) -> dict[str, int] | str:
+    """The rows (and samples) validation dropped, per reason; or why they are unknown."""
+    workers = recipe.training.get("dataloader_num_workers", 0)
+    if recipe.data.streaming and workers > 0:
+        # A stream is validated as it is read, in the DataLoader workers, each with its own copy of the reports.
+        return (
+            f"unknown: the stream was validated in {workers} DataLoader worker processes, whose counts are not "
+            "collected (each worker logs the bad rows it skips)"
+        )
+    counts: dict[str, int] = {}
+    for report in reports:
+        for reason, count in report.counts.items():
+            counts[reason] = counts.get(reason, 0) + count
+    return counts
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
@@ -154,16 +193,10 @@ def training_arguments(recipe: Recipe) -> SentenceTransformerTrainingArguments:
         # Several processes and no accelerator: without use_cpu, transformers and accelerate run each process as
         # a single-process job (DistributedType.NO: no DDP, no gradient sync, every process on all the data).
         values.setdefault("use_cpu", True)
+    # parse_recipe refused a dataloader_drop_last: false with gather_across_devices, and streaming without max_steps.
     if recipe.loss.gather_across_devices:
-        if values.get("dataloader_drop_last") is False:
-            raise RecipeError(
-                "training.dataloader_drop_last: must be true with loss.gather_across_devices "
-                "(cross-device negatives need equal per-process batches)"
-            )
         values["dataloader_drop_last"] = True
     if recipe.data.streaming:
-        if not values.get("max_steps", -1) > 0:
-            raise RecipeError("training.max_steps: required with data.streaming (a stream has no length)")
         # accelerate would otherwise cut every batch tensor to the batch size, including Qwen2-VL's pixel rows.
         accelerator_config = dict(values.get("accelerator_config") or {})
         accelerator_config["dispatch_batches"] = False
@@ -304,22 +337,27 @@ def _loss(model: ViOmniQwen, recipe: Recipe) -> PrefixRoutedLoss | CachedPrefixR
 def _proportions(recipe: Recipe, samples: dict[str, Dataset | IterableDataset]) -> dict[str, float]:
     if recipe.data.proportions == "seed":
         return default_proportions(list(samples))
-    missing = set(samples) - set(recipe.data.proportions)
-    if missing:
-        raise RecipeError(f"data.proportions: no weight for task(s) {sorted(missing)} that have sources")
+    # parse_recipe checked that the weights name exactly the tasks of the sources.
     return {task: float(recipe.data.proportions[task]) for task in samples}
 
 
-def _fill_model_card(model, recipe, mixture, proportions, loss, run, arguments) -> None:
+def _samples_seen(trainer: SentenceTransformerTrainer, arguments: SentenceTransformerTrainingArguments) -> int:
+    """The training samples of the optimizer steps taken, over all processes (at most: a last batch may be short)."""
+    world = max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    batch = arguments.per_device_train_batch_size * world * arguments.gradient_accumulation_steps
+    return trainer.state.global_step * batch
+
+
+def _fill_model_card(model, mixture, proportions, loss, run, samples_seen: int) -> None:
     total = sum(proportions.values())
     if isinstance(mixture, Dataset):
         counts = {task: 0 for task in proportions}
         for task in mixture["task"]:
             counts[task] += 1
     else:
-        world = max(int(os.environ.get("WORLD_SIZE", "1")), 1)
-        seen = arguments.max_steps * arguments.per_device_train_batch_size * world * arguments.gradient_accumulation_steps
-        counts = {task: math.floor(seen * weight / total) for task, weight in proportions.items()}
+        # A stream has no length: its share of the samples the trainer took (not of max_steps, which a stream
+        # that ran dry never reached).
+        counts = {task: math.floor(samples_seen * weight / total) for task, weight in proportions.items()}
     model.model_card_data.training_mix = {
         task: {"samples": counts[task], "proportion": proportions[task] / total}
         for task in TASK_NAMES

@@ -48,6 +48,8 @@ def test_encode_prints_or_saves_an_embedding(tiny_model, tmp_path, capsys):
         (["encode", "{tmp}/no-model", "--task", "ocr"], "needs text or at least one image"),
         (["train", "{tmp}/missing.yaml"], "recipe not found"),
         (["train", "{tmp}/typo.yaml"], "loss.temprature: unknown key"),
+        # YAML reads 1e-5 as a string: refused at load, not a traceback from the optimizer after the model load.
+        (["train", "{tmp}/lr.yaml"], "training.learning_rate: expected float, got '1e-5'"),
         (["evaluate", "{tmp}/no-model", "--mini", "2"], "model directory not found"),
     ],
 )
@@ -56,6 +58,9 @@ def test_bad_arguments_give_a_one_line_error(tmp_path, capsys, argv, message):
     (tmp_path / "typo.yaml").write_text(
         "model: {base: tiny}\ndata: {train: [{mini: 2}]}\nloss: {temprature: 0.1}\ntraining: {output_dir: o}\n"
     )
+    (tmp_path / "lr.yaml").write_text(
+        "model: {base: tiny}\ndata: {train: [{mini: 2}]}\ntraining: {output_dir: o, learning_rate: 1e-5}\n"
+    )
     with pytest.raises(SystemExit) as exit_info:
         main([arg.format(tmp=tmp_path) for arg in argv])
     assert exit_info.value.code == 2
@@ -63,8 +68,57 @@ def test_bad_arguments_give_a_one_line_error(tmp_path, capsys, argv, message):
     assert error.startswith("st-viomni: error: ") and message in error and error.count("\n") == 1, error
 
 
+def test_a_malformed_data_file_gives_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "pairs.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "score": 1.0}\nnot json\n')
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{base: tiny}}\ndata: {{train: [{{task: text_pair, json: {tmp_path / 'pairs.jsonl'}}}]}}\n"
+        f"training: {{output_dir: {tmp_path / 'out'}}}\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(recipe)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err  # after datasets' progress bars
+    # datasets' DatasetGenerationError ("An error occurred while generating the dataset") with what its cause says
+    assert "Traceback" not in error and error.splitlines()[-1].startswith("st-viomni: error: ")
+    assert "JSON parse error" in error.splitlines()[-1], error
+
+
 def test_unknown_task_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["encode", "model", "--task", "caption", "--text", "x"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'caption'" in capsys.readouterr().err
+
+
+def test_encode_prints_the_path_it_wrote(tiny_model, tmp_path, capsys):
+    tiny_model.save(str(tmp_path / "model"))
+    capsys.readouterr()
+    assert main(["encode", str(tmp_path / "model"), "--task", "text_pair", "--text", "x",
+                 "--output", str(tmp_path / "e")]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"to {tmp_path / 'e.npy'}")  # np.save appended .npy
+    assert np.load(tmp_path / "e.npy").shape == (1, 32)
+
+
+class _Loaded(Exception):
+    pass
+
+
+def test_evaluate_with_a_recipe_draws_the_recipes_eval_set(tmp_path, monkeypatch):
+    from st_viomni.data import sources
+
+    seeds = []
+
+    def load_samples_by_task(recipe_sources, **kwargs):
+        seeds.append(kwargs.get("seed", 0))
+        raise _Loaded  # what matters is the seed; no model is needed
+
+    monkeypatch.setattr(sources, "load_samples_by_task", load_samples_by_task)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model: {base: tiny}\ndata: {seed: 42, train: [{mini: 2}], eval: [{mini: 3, split: test}]}\n"
+        "training: {output_dir: o}\n"
+    )
+    with pytest.raises(_Loaded):
+        main(["evaluate", str(tmp_path / "model"), "--recipe", str(recipe)])
+    assert seeds == [42]  # what run_recipe evaluates on: the mini draws depend on the seed

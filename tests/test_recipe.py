@@ -56,7 +56,7 @@ def test_sources_split_loader_keys_from_adapter_options():
          r"data\.train\[0\]\.question_column: unknown key.*ocr adapter accepts"),
         ({"data": {"train": []}}, r"data\.train: needs at least one source"),
         ({"data": {"train": [{"mini": 4}], "proportions": {"ocr": 1, "captions": 1}}}, r"data\.proportions\.captions"),
-        ({"loss": {"margins": {"instr": 0.1, "vqa": 0.2}}}, r"loss\.margins\.vqa: Unknown task"),
+        ({"loss": {"margins": {"ocr": 0.1, "vqa": 0.2}}}, r"loss\.margins\.vqa: Unknown task"),
         ({"loss": {"cached": True, "mini_batch_num_tokens": 0}}, r"loss\.mini_batch_num_tokens: expected a positive"),
         ({"loss": {"mini_batch_size": 0}}, r"loss\.mini_batch_size: expected a positive"),
         ({"model": {"base": "tiny", "dim": 8}}, r"model\.dim: unknown key"),
@@ -67,6 +67,80 @@ def test_sources_split_loader_keys_from_adapter_options():
 def test_bad_recipes_name_the_offending_key(overrides, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe(_minimal(**overrides))
+
+
+PAIRS = {"task": "text_pair", "json": "pairs.jsonl"}
+DIALOGUES = {"task": "vqa_multi", "json": "dialogues.jsonl"}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # A weight for a task no source has would be dropped from the mixture without a word.
+        ({"data": {"train": [{"mini": 10, "task": "text_pair"}], "proportions": {"text_pair": 1, "ocr": 3}}},
+         r"^data\.proportions\.ocr: weight given but no data\.train source has task ocr \(the sources have "
+         r"text_pair\)"),
+        ({"data": {"train": [{"mini": 4}], "proportions": {"ocr": 1}}}, r"^data\.proportions: no weight for task\(s\)"),
+        ({"data": {"train": [PAIRS], "proportions": {"text_pair": "abc"}}},
+         r"^data\.proportions\.text_pair: expected a finite non-negative number, got 'abc'"),
+        ({"data": {"train": [PAIRS], "proportions": {"text_pair": -1}}}, r"^data\.proportions\.text_pair: .*got -1"),
+        ({"data": {"train": [PAIRS], "proportions": {"text_pair": float("inf")}}}, r"^data\.proportions\.text_pair"),
+        ({"data": {"train": [PAIRS], "proportions": {"text_pair": 0}}}, r"^data\.proportions: every weight is 0"),
+        ({"loss": {"margins": {"vqa_multi": "x"}}}, r"^loss\.margins\.vqa_multi: expected a finite non-negative"),
+        ({"loss": {"margins": {"instr": 0.1}}}, r"^loss\.margins\.instr: task instr has no triplet term"),
+        ({"loss": {"temperature": 0}}, r"^loss\.temperature: expected a finite positive number, got 0"),
+        ({"loss": {"mse_weight": -1}}, r"^loss\.mse_weight: expected a finite non-negative number"),
+        ({"data": {"train": [{"mini": -3}]}}, r"^data\.train\[0\]\.mini: expected a positive number of samples"),
+        ({"data": {"train": [{"mini": 0}]}}, r"^data\.train\[0\]\.mini: expected a positive number"),
+        ({"data": {"train": [{"mini": 4, "split": "validation"}]}},
+         r"^data\.train\[0\]\.split: the mini mixture has the splits train, test, got 'validation'"),
+        ({"data": {"train": [{"mini": 4}], "eval": [{"mini": 4, "split": "dev"}]}}, r"^data\.eval\[0\]\.split: "),
+        # No adapter reads the mini mixture: the option would be ignored.
+        ({"data": {"train": [{"mini": 10, "task": "text_pair", "score_range": [0, 5]}]}},
+         r"^data\.train\[0\]\.score_range: adapter options do not apply to a mini source"),
+        ({"data": {"train": [{**DIALOGUES, "max_history_turns": "2"}]}},
+         r"^data\.train\[0\]\.max_history_turns: expected int or null, got '2' \(a string: write the number"),
+        ({"data": {"train": [{**DIALOGUES, "max_history_turns": -1}]}}, r"^data\.train\[0\]\.max_history_turns: .*>="),
+        ({"data": {"train": [{**PAIRS, "score_range": [5]}]}},
+         r"^data\.train\[0\]\.score_range: expected a list \[float, float\], got \[5\]"),
+        ({"data": {"train": [{**PAIRS, "score_range": [5, 0]}]}}, r"^data\.train\[0\]\.score_range: .*high > low"),
+        ({"data": {"train": [PAIRS, {**DIALOGUES, "images_column": 5}]}},
+         r"^data\.train\[1\]\.images_column: expected str or a list of str, got 5"),
+        ({"data": {"train": [{**DIALOGUES, "images_column": []}]}}, r"^data\.train\[0\]\.images_column: .*non-empty"),
+        ({"data": {"train": [{**DIALOGUES, "verify_images": "no"}]}}, r"^data\.train\[0\]\.verify_images: expected"),
+        ({"data": {"train": [{**PAIRS, "num_proc": 0}]}}, r"^data\.train\[0\]\.num_proc: expected a positive"),
+        ({"training": {"per_device_train_batch_size": "16"}},
+         r"^training\.per_device_train_batch_size: expected int, got '16' \(a string: write the number without "),
+        ({"training": {"bf16": "yes"}}, r"^training\.bf16: expected bool, got 'yes'"),
+        ({"data": {"streaming": True}}, r"^training\.max_steps: required with data\.streaming"),
+        ({"loss": {"gather_across_devices": True}, "training": {"dataloader_drop_last": False}},
+         r"^training\.dataloader_drop_last: must be true with loss\.gather_across_devices"),
+    ],
+)
+def test_bad_values_are_refused_at_load_naming_the_key(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(_minimal(**overrides))
+
+
+def test_a_yaml_exponent_without_a_dot_is_refused_with_how_to_write_it(tmp_path):
+    # PyYAML reads 1e-5 (and 1.0e5) as strings: the optimizer would fail on it only after the model load.
+    path = tmp_path / "lr.yaml"
+    path.write_text("model: {base: tiny}\ndata: {train: [{mini: 2}]}\ntraining: {output_dir: o, learning_rate: 1e-5}\n")
+    with pytest.raises(RecipeError, match=r"^training\.learning_rate: expected float, got '1e-5' \(.*write 1\.0e-5\)$"):
+        load_recipe(path)
+    path.write_text(path.read_text().replace("1e-5", "1.0e-5"))
+    assert load_recipe(path).training["learning_rate"] == 1e-5
+
+
+def test_good_adapter_options_of_every_kind_are_accepted():
+    train = [
+        {"task": "ocr", "json": "ocr.jsonl", "images_column": ["page_1", "page_2"], "query_column": None,
+         "image_root": "images", "verify_images": False},
+        {**DIALOGUES, "max_history_turns": 0, "image_placeholder": None, "num_proc": 2},
+        {**PAIRS, "score_range": [0.0, 5]},
+    ]
+    recipe = parse_recipe(_minimal(data={"train": train, "proportions": {"text_pair": 1, "ocr": 2, "vqa_multi": 0}}))
+    assert [source.adapter_kwargs.get("num_proc") for source in recipe.data.train] == [None, 2, None]
 
 
 def test_missing_section_and_bad_yaml(tmp_path):

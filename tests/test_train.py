@@ -1,6 +1,7 @@
 """End to end: `st-viomni train` on the tiny model, under torchrun (2 CPU processes, gloo), and resuming."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -8,10 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from sentence_transformers import SentenceTransformer
 
-from st_viomni.train import last_complete_checkpoint
+from st_viomni.recipe import parse_recipe
+from st_viomni.train import _skipped_rows, _training_data, last_complete_checkpoint, run_recipe
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -112,3 +115,41 @@ def test_an_interrupted_checkpoint_write_is_skipped(tmp_path):
     (tmp_path / "checkpoint-16" / "trainer_state.json").write_text('{"global_st')  # truncated by the kill
     assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-8")
     assert last_complete_checkpoint(str(tmp_path / "nothing")) is None
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_validation_counts_every_source_row_once(tmp_path, streaming):
+    rows = tmp_path / "pairs.jsonl"
+    with rows.open("w") as file:
+        for i in range(200):  # every other score is outside [0, 5]
+            row = {"sentence1": f"a {i}", "sentence2": f"b {i}", "score": 7.0 if i % 2 else 3.0}
+            file.write(json.dumps(row) + "\n")
+    recipe = parse_recipe({
+        "model": {"base": "tiny"},
+        "data": {"train": [{"task": "text_pair", "json": str(rows), "score_range": [0, 5]}], "streaming": streaming},
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1},
+    })
+    _, _, train_dataset, reports = _training_data(recipe)
+    assert sum(1 for _ in train_dataset) == 100
+    # The adapters saw 200 rows; build_training_dataset's safety net saw their 100 samples, in its own report.
+    assert reports[0].summary().startswith("100 of 200 rows kept, 100 skipped: score_out_of_range 100")
+    assert (reports[1].rows_seen, reports[1].rows_skipped) == (100, 0)
+    assert _skipped_rows(recipe, reports) == {"score_out_of_range": 100}
+
+
+def test_a_stream_that_runs_dry_is_reported_and_not_counted_as_trained(tmp_path, caplog):
+    # 4 samples, batches of 8 without a short last one: the stream yields no batch, and the trainer stops at step 0.
+    recipe = parse_recipe({
+        "model": {"base": "tiny", "embedding_dim": 8},
+        "data": {"train": [{"mini": 4, "task": "text_pair"}], "streaming": True},
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 5, "per_device_train_batch_size": 8,
+                     "dataloader_drop_last": True, "dataloader_num_workers": 1, "save_strategy": "no"},
+    })
+    with caplog.at_level(logging.WARNING, logger="st_viomni.train"):
+        run = run_recipe(recipe)
+    assert "training stopped after 0 of 5 planned steps: the training data ran out" in caplog.text
+    card = (Path(run.model_dir) / "README.md").read_text(encoding="utf-8")
+    assert "| `text_pair` | 0 | 100.0% |" in card  # not max_steps x batch = 40
+    # The stream was validated in the DataLoader worker: the main process has no counts to report.
+    skipped = json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_rows"]
+    assert skipped.startswith("unknown: the stream was validated in 1 DataLoader worker processes")
