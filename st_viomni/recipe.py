@@ -20,6 +20,8 @@
       proportions: seed         # "seed" (the seed's 11M mix), or {task: weight}
       seed: 0
       streaming: false          # true: never hold the mixture in memory (IterableDataset)
+      shuffle_buffer: 10000     # streaming: samples each source's shuffle holds, encoded images included, in
+                                # every DataLoader worker of every process
       on_error: skip            # skip bad rows (summarised in the log) or raise on the first
       train:                    # sources; every key but the loader keys is an adapter keyword argument
         - {task: text_pair, hub: sentence-transformers/stsb, split: train, score_range: [0, 5]}
@@ -112,6 +114,7 @@ class DataRecipe:
     proportions: str | dict[str, float] = "seed"
     seed: int = 0
     streaming: bool = False
+    shuffle_buffer: int = 10_000
     on_error: str = "skip"
 
 
@@ -190,6 +193,8 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
     data.eval = [_source(item, f"data.eval[{i}]") for i, item in enumerate(_list(data_raw.get("eval", []), "data.eval"))]
     if not data.train:
         raise RecipeError("data.train: needs at least one source")
+    if data.shuffle_buffer < 1:
+        raise RecipeError(f"data.shuffle_buffer: expected a positive number of samples, got {data.shuffle_buffer}")
     if data.on_error not in ("skip", "raise"):
         raise RecipeError(f"data.on_error: expected 'skip' or 'raise', got {data.on_error!r}")
     _check_proportions(data)

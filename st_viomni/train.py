@@ -135,7 +135,7 @@ def _training_data(recipe: Recipe) -> tuple[Dataset | IterableDataset, dict[str,
     num_shards = int(os.environ.get("WORLD_SIZE", "1")) * max(1, workers)
     samples = load_samples_by_task(
         recipe.data.train, streaming=recipe.data.streaming, on_error=recipe.data.on_error, report=rows,
-        seed=recipe.data.seed, num_shards=num_shards,
+        seed=recipe.data.seed, num_shards=num_shards, shuffle_buffer=recipe.data.shuffle_buffer,
     )
     proportions = _proportions(recipe, samples)
     # mix_tasks reads each stream up to its first sample to check it has one; given the report, it leaves the rows

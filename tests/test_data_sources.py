@@ -61,6 +61,24 @@ def test_streamed_sources_are_split_into_a_shard_per_process_and_worker(tmp_path
             assert every_row == sorted(expected)
 
 
+def test_the_shuffle_buffer_of_a_streamed_source_is_the_one_asked_for(tmp_path):
+    # A buffer of one sample shuffles nothing (one file, one shard): the stream keeps the file's order. The
+    # default buffer of 10,000 holds all 50 rows and reorders them.
+    _write_jsonl(tmp_path / "pairs.jsonl", [{"a": f"câu {i}", "b": f"sentence {i}", "s": 3} for i in range(50)])
+    source = SourceRecipe(task="text_pair", json=str(tmp_path / "pairs.jsonl"),
+                          adapter_kwargs={"sentence1_column": "a", "sentence2_column": "b", "score_column": "s",
+                                          "score_range": [0, 5]})
+    in_file_order = [f"câu {i}" for i in range(50)]
+
+    def anchors(**options):
+        stream = load_samples_by_task([source], streaming=True, on_error="raise", **options)["text_pair"]
+        return [row["anchor"] for row in stream]
+
+    assert anchors(shuffle_buffer=1) == in_file_order
+    shuffled = anchors()
+    assert shuffled != in_file_order and sorted(shuffled) == sorted(in_file_order)
+
+
 def _write_jsonl(path, rows):
     path.write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
 

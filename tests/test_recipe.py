@@ -113,6 +113,8 @@ DIALOGUES = {"task": "vqa_multi", "json": "dialogues.jsonl"}
          r"^training\.per_device_train_batch_size: expected int, got '16' \(a string: write the number without "),
         ({"training": {"bf16": "yes"}}, r"^training\.bf16: expected bool, got 'yes'"),
         ({"data": {"streaming": True}}, r"^training\.max_steps: required with data\.streaming"),
+        ({"data": {"shuffle_buffer": 0}}, r"^data\.shuffle_buffer: expected a positive number of samples, got 0"),
+        ({"data": {"shuffle_buffer": "1000"}}, r"^data\.shuffle_buffer: expected int, got '1000'"),
         ({"loss": {"gather_across_devices": True}, "training": {"dataloader_drop_last": False}},
          r"^training\.dataloader_drop_last: must be true with loss\.gather_across_devices"),
     ],

@@ -37,6 +37,7 @@ def load_samples_by_task(
     report: ValidationReport | None = None,
     seed: int = 0,
     num_shards: int = 1,
+    shuffle_buffer: int = 10_000,
 ) -> dict[str, Dataset | IterableDataset]:
     """Canonical samples of every task named by ``sources`` (see the module docstring).
 
@@ -45,9 +46,11 @@ def load_samples_by_task(
     with (see :func:`_check_columns`). A typo in the last source or in the last file of a stream then fails
     at once, naming the source and the file, not hours into a run.
 
-    A streamed source is shuffled with a buffer of 10,000 samples (``IterableDataset.shuffle``): the buffer
-    is filled, so that many samples (with their encoded images) are read and validated before the first one
-    comes out, and held while the stream is read; in every ``DataLoader`` worker.
+    A streamed source is shuffled with a buffer of ``shuffle_buffer`` samples (``IterableDataset.shuffle``,
+    which also shuffles the order of its shards): the buffer is filled, so that many samples (with their
+    encoded images) are read and validated before the first one comes out, and held while the stream is read;
+    in every ``DataLoader`` worker. With images stored in the files (Parquet bytes) that is about the buffer
+    times the average encoded image per image task and worker: 10,000 samples of 100 KB are 1 GB.
 
     Args:
         sources: Recipe sources.
@@ -56,6 +59,7 @@ def load_samples_by_task(
         on_error: ``"skip"`` bad rows (counted in ``report``) or ``"raise"`` on the first.
         report: Collects the skipped rows.
         seed: Seed of the built-in mini mixture and of the shuffle of each source.
+        shuffle_buffer: With ``streaming``, the samples each task's shuffle buffer holds (see above).
         num_shards: With ``streaming``, the fewest shards each source's raw rows are split into before its
             adapter (:func:`~st_viomni.data.mixture.reshard_stream`): the number of processes times their
             DataLoader workers, so that each reads, validates and decodes only its own rows.
@@ -75,7 +79,7 @@ def load_samples_by_task(
     merged = {}
     for task, parts in by_task.items():
         combined = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-        merged[task] = combined.shuffle(seed=seed, **({"buffer_size": 10_000} if streaming else {}))
+        merged[task] = combined.shuffle(seed=seed, **({"buffer_size": shuffle_buffer} if streaming else {}))
     return merged
 
 
