@@ -338,16 +338,11 @@ def _check_adapter_options(task: str, options: dict[str, Any], where: str) -> No
         if not _matches(value, hints[key]):
             raise RecipeError(f"{where}.{key}: expected {_type_name(hints[key])}, got {value!r}{_string_hint(value)}")
     # The adapters' own rules on these values, which they would apply only once the data is loaded.
-    low_high = options.get("score_range")
-    if low_high is not None and not low_high[1] > low_high[0]:
-        raise RecipeError(f"{where}.score_range: expected [low, high] with high > low, got {low_high!r}")
-    turns = options.get("max_history_turns")
-    if turns is not None and turns < 0:
-        raise RecipeError(f"{where}.max_history_turns: expected a number >= 0 (or null: all turns), got {turns}")
-    if options.get("num_proc") is not None and options["num_proc"] < 1:
-        raise RecipeError(f"{where}.num_proc: expected a positive number of processes, got {options['num_proc']}")
-    if options.get("images_column") == []:
-        raise RecipeError(f"{where}.images_column: expected a column name or a non-empty list of names, got []")
+    with_rules = inspect.signature(adapters.check_options).parameters
+    try:
+        adapters.check_options(**{key: value for key, value in options.items() if key in with_rules})
+    except ValueError as error:
+        raise RecipeError(f"{where}.{error}") from None
 
 
 def _training_arguments(raw: Any) -> dict[str, Any]:

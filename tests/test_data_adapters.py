@@ -218,6 +218,29 @@ def test_missing_column_is_reported_up_front():
         text_pair_samples(rows)
 
 
+@pytest.mark.parametrize(
+    ("adapter", "options", "message"),
+    [
+        (text_pair_samples, {"score_range": (5, 0)},
+         r"^score_range: expected \(low, high\) with high > low, got \(5, 0\)"),
+        (text_pair_samples, {"score_range": (5,)}, r"^score_range: expected \(low, high\)"),
+        (vqa_multi_samples, {"max_history_turns": -1}, r"^max_history_turns: expected a number >= 0 .*got -1"),
+        (ocr_samples, {"images_column": []}, r"^images_column: expected a column name or a non-empty list"),
+        (vqa_single_samples, {"images_column": ["img", 3]}, r"^images_column: .*got \['img', 3\]"),
+        (instr_samples, {"num_proc": 0}, r"^num_proc: expected a positive number of processes, got 0"),
+        (validate_samples, {"num_proc": -2}, r"^num_proc: expected a positive"),
+    ],
+)
+def test_bad_option_values_are_refused_before_any_row_is_read(adapter, options, message):
+    # A stream that fails when read: the option is refused before the adapter touches the data.
+    def unreadable():
+        raise AssertionError("the adapter read a row")
+        yield
+
+    with pytest.raises(ValueError, match=message):
+        adapter(IterableDataset.from_generator(unreadable), **options)
+
+
 def _file_rows(kind: str) -> tuple[list[dict], dict]:
     """Two rows of one data kind as users keep them in a JSON/Parquet file, with the adapter's arguments."""
     if kind == "text_pair":

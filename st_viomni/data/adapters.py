@@ -51,6 +51,32 @@ Samples = Dataset | IterableDataset
 ImageColumns = str | Sequence[str]
 
 
+def check_options(
+    *,
+    score_range: Sequence[float] | None = None,
+    max_history_turns: int | None = None,
+    images_column: ImageColumns | None = None,
+    num_proc: int | None = None,
+) -> None:
+    """The adapters' rules on the values of their options, which need no data: each adapter applies them to its
+    own options before it reads a row, and the recipe loader to a source's options when the recipe is loaded.
+    None means "not given" (the adapters' defaults pass).
+
+    Raises:
+        ValueError: Starting with the option's name and a colon: ``score_range`` not two numbers with
+            high > low, a negative ``max_history_turns``, an ``images_column`` that is neither a name nor a
+            non-empty list of names, a ``num_proc`` below 1.
+    """
+    if score_range is not None and not (len(score_range) == 2 and score_range[1] > score_range[0]):
+        raise ValueError(f"score_range: expected (low, high) with high > low, got {score_range!r}")
+    if max_history_turns is not None and max_history_turns < 0:
+        raise ValueError(f"max_history_turns: expected a number >= 0 (or None: all turns), got {max_history_turns!r}")
+    if images_column is not None:
+        _as_columns(images_column)
+    if num_proc is not None and num_proc < 1:
+        raise ValueError(f"num_proc: expected a positive number of processes, got {num_proc!r}")
+
+
 def text_pair_samples(
     dataset: Samples,
     *,
@@ -78,9 +104,8 @@ def text_pair_samples(
     Returns:
         Canonical samples, a ``Dataset`` or ``IterableDataset`` like ``dataset``.
     """
+    check_options(score_range=score_range, num_proc=num_proc)
     low, high = score_range
-    if not high > low:
-        raise ValueError(f"score_range must be (low, high) with high > low, got {score_range}")
     row_to_samples = partial(
         _text_pair_row,
         sentence1_column=sentence1_column,
@@ -128,6 +153,7 @@ def instr_samples(
             the instruction on a new line. Empty or None inputs are fine.
         on_error, report, num_proc: See :func:`text_pair_samples`.
     """
+    check_options(num_proc=num_proc)
     row_to_samples = partial(
         _instr_row, instruction_column=instruction_column, response_column=response_column, input_column=input_column
     )
@@ -247,6 +273,7 @@ def _image_question_samples(
     report: ValidationReport | None,
     num_proc: int | None,
 ) -> Samples:
+    check_options(images_column=images_column, num_proc=num_proc)
     images_columns = _as_columns(images_column)
     row_to_samples = partial(
         _image_question_row,
@@ -322,8 +349,7 @@ def vqa_multi_samples(
         max_history_turns: Keep at most this many earlier turns in an anchor (the latest ones); None keeps all.
         image_root, verify_images, on_error, report, num_proc: See :func:`ocr_samples`.
     """
-    if max_history_turns is not None and max_history_turns < 0:
-        raise ValueError(f"max_history_turns must be >= 0 or None, got {max_history_turns}")
+    check_options(max_history_turns=max_history_turns, images_column=images_column, num_proc=num_proc)
     images_columns = _as_columns(images_column)
     row_to_samples = partial(
         _vqa_multi_row,
@@ -387,6 +413,7 @@ def validate_samples(
             ``score`` (missing image or score columns count as empty / None).
         image_root, verify_images, on_error, report, num_proc: See :func:`ocr_samples`.
     """
+    check_options(num_proc=num_proc)
     row_to_samples = partial(
         _canonical_row, image_root=None if image_root is None else os.fspath(image_root), verify_images=verify_images
     )
@@ -410,7 +437,7 @@ def _as_columns(columns: ImageColumns) -> list[str]:
         return [columns]
     columns = list(columns)
     if not columns or not all(isinstance(column, str) for column in columns):
-        raise ValueError(f"images_column must be a column name or a non-empty list of names, got {columns!r}")
+        raise ValueError(f"images_column: expected a column name or a non-empty list of names, got {columns!r}")
     return columns
 
 
