@@ -3,17 +3,30 @@
 :func:`build_evaluator` turns a held-out set of canonical samples (``task, anchor, anchor_images, positive,
 positive_images, score``, e.g. ``mini_mixture(n, split="test")``) into one ``SequentialEvaluator``:
 
-* ``<task>`` for every task present: an ``InformationRetrievalEvaluator`` whose queries are the rendered
-  anchors and whose corpus is the distinct rendered positives of that task; a query's relevant documents are
-  the positives identical to its own. For ``text_pair`` only pairs scored at least 0.5 are queries (an
-  unrelated pair has no positive to retrieve), while every pair's second text stays in the corpus.
+* ``<task>`` for every task present: an ``InformationRetrievalEvaluator`` whose queries are the distinct
+  rendered anchors and whose corpus is the distinct rendered positives of that task; a query's relevant
+  documents are the positives of every sample with that anchor. For ``text_pair`` only pairs scored at least
+  0.5 are queries (an unrelated pair has no positive to retrieve), while every pair's second text stays in
+  the corpus.
 * ``image_to_text`` and ``text_to_image``: the cross-modal pairs of the OCR and VQA samples whose anchor is
-  images only (a picture of text and its transcription, a scene and its caption): images → their text and
-  text → their images, against all such pairs.
+  images only (a picture of text and its transcription, a scene and its caption): distinct images → the texts
+  paired with them and distinct texts → the images paired with them.
 * ``text_pair_similarity``: an ``EmbeddingSimilarityEvaluator`` (Spearman correlation between cosine similarity
   and the gold score).
 
-:func:`summarize` reads the headline numbers from the evaluator's result dict: ``recall@1`` is the fraction of
+Equal content is one query or one document, whichever samples it comes from. An anchor that is also a
+document of its corpus (a sentence that is another pair's second sentence) is not a query: a copy of itself
+would take rank 1 for any model, as in MTEB's ``ignore_identical_ids``; nor is an anchor to which every
+document is relevant (a single-document corpus). The similarity needs two different gold scores. An evaluator
+left with nothing to measure is left out with a warning naming it, and :func:`build_evaluator` refuses a set
+that gives none.
+
+Relevance comes from the samples alone: a document that would answer a query but is not paired with it is a
+miss. In ``text_pair`` data that holds several pairs of one meaning (the mini mixture: its test split draws
+some sentences' slots more than once), the paraphrase of another pair can outrank the query's own positive,
+so ``accuracy@1/text_pair`` understates the model there and ``text_pair_spearman`` is the better measure.
+
+:func:`summarize` reads the headline numbers from the evaluator's result dict: ``accuracy@1`` is the fraction of
 queries whose top-ranked document is relevant (sentence-transformers' ``accuracy@1``).
 
 Example:
@@ -28,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -36,10 +50,13 @@ from sentence_transformers.sentence_transformer.evaluation import (
     EmbeddingSimilarityEvaluator,
     InformationRetrievalEvaluator,
 )
+from sentence_transformers.util import cos_sim
 
 from .formatting import format_input
 from .losses.labels import positive_key
 from .tasks import TASK_NAMES, get_task
+
+logger = logging.getLogger(__name__)
 
 TEXT_PAIR_RELEVANCE = 0.5
 CROSS_MODAL_TASKS = ("ocr", "vqa_single", "vqa_multi")
@@ -54,46 +71,39 @@ def build_evaluator(samples: Iterable[Mapping[str, Any]], *, batch_size: int = 3
         batch_size: Encoding batch size.
 
     Raises:
-        ValueError: No sample gives any evaluator (e.g. an empty set).
+        ValueError: No sample gives any evaluator (an empty set, or too few distinct samples per task); the
+            message says what each task lacks.
     """
     by_task: dict[str, list[Mapping[str, Any]]] = {name: [] for name in TASK_NAMES}
     for sample in samples:
         by_task[get_task(sample["task"]).name].append(sample)
-    evaluators = []
-    for task, rows in by_task.items():
-        evaluator = _task_retrieval(task, rows, batch_size)
-        if evaluator is not None:
-            evaluators.append(evaluator)
+    candidates = [_task_retrieval(task, rows) for task, rows in by_task.items() if rows]
     cross_modal = [row for task in CROSS_MODAL_TASKS for row in by_task[task] if _is_image_only_pair(row)]
     if cross_modal:
-        evaluators.extend(_cross_modal_retrieval(cross_modal, batch_size))
-    pairs = by_task["text_pair"]
-    if len(pairs) >= 2:
-        evaluators.append(
-            EmbeddingSimilarityEvaluator(
-                [format_input("text_pair", row["anchor"]) for row in pairs],
-                [format_input("text_pair", row["positive"]) for row in pairs],
-                [float(row["score"]) for row in pairs],
-                batch_size=batch_size,
-                main_similarity="cosine",
-                similarity_fn_names=["cosine"],
-                name="text_pair_similarity",
-                write_csv=False,
-            )
-        )
-    if not evaluators:
+        candidates.extend(_cross_modal_retrieval(cross_modal))
+    if by_task["text_pair"]:
+        candidates.append(_text_pair_similarity(by_task["text_pair"]))
+    evaluators = [build(batch_size) for _, build, problem in candidates if problem is None]
+    missing = [f"{name}: {problem}" for name, _, problem in candidates if problem is not None]
+    if not candidates:
         raise ValueError("no evaluation sample: build_evaluator needs canonical samples of at least one task")
+    if not evaluators:
+        found = ", ".join(f"{task} {len(rows)}" for task, rows in by_task.items() if rows)
+        raise ValueError(f"no evaluator can be built from these samples ({found}): " + "; ".join(missing))
+    for name, _, problem in candidates:
+        if problem is not None:
+            logger.warning(f"evaluation: no {name} evaluator ({problem})")
     return SequentialEvaluator(evaluators, main_score_function=lambda scores: sum(scores) / len(scores))
 
 
 def summarize(results: Mapping[str, float]) -> dict[str, float]:
-    """Headline metrics from a ``build_evaluator`` result: ``recall@1/<task>``, ``image_to_text_recall@1``,
-    ``text_to_image_recall@1`` and ``text_pair_spearman`` (only those that were evaluated)."""
+    """Headline metrics from a ``build_evaluator`` result: ``accuracy@1/<task>``, ``image_to_text_accuracy@1``,
+    ``text_to_image_accuracy@1`` and ``text_pair_spearman`` (only those that were evaluated)."""
     summary = {}
     for name in (*TASK_NAMES, *CROSS_MODAL):
         value = _find(results, f"{name}_cosine_accuracy@1")
         if value is not None:
-            summary[f"recall@1/{name}" if name in TASK_NAMES else f"{name}_recall@1"] = value
+            summary[f"accuracy@1/{name}" if name in TASK_NAMES else f"{name}_accuracy@1"] = value
     spearman = _find(results, "text_pair_similarity_spearman_cosine")
     if spearman is not None:
         summary["text_pair_spearman"] = spearman
@@ -110,58 +120,93 @@ def _is_image_only_pair(sample: Mapping[str, Any]) -> bool:
     return bool(sample["anchor_images"]) and not sample["anchor"] and bool(sample["positive"])
 
 
-def _task_retrieval(task: str, rows: list[Mapping[str, Any]], batch_size: int) -> InformationRetrievalEvaluator | None:
-    corpus: dict[str, Any] = {}
-    key_to_corpus_id: dict[int, str] = {}
-    queries: dict[str, Any] = {}
-    relevant: dict[str, set[str]] = {}
-    for index, row in enumerate(rows):
-        key = positive_key(row["positive"], row["positive_images"])
-        if key not in key_to_corpus_id:
-            key_to_corpus_id[key] = f"d{len(key_to_corpus_id)}"
-            corpus[key_to_corpus_id[key]] = format_input(task, row["positive"], row["positive_images"])
+class _Retrieval:
+    """Queries and documents of one retrieval, each distinct content once, with their relevance."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.queries: dict[Any, Any] = {}
+        self.corpus: dict[Any, Any] = {}
+        self.relevant: dict[Any, set[Any]] = {}
+
+    def add_document(self, key, render) -> None:
+        if key not in self.corpus:
+            self.corpus[key] = render()
+
+    def add_query(self, key, render, document_key) -> None:
+        if key not in self.queries:
+            self.queries[key] = render()
+        self.relevant.setdefault(key, set()).add(document_key)
+
+    def candidate(self):
+        # A query identical to a document would find itself (see the module docstring), and one to which
+        # every document is relevant has nothing to be ranked against: either would score 1 for any model.
+        queries = [key for key in self.queries if key not in self.corpus]
+        queries = [key for key in queries if len(self.relevant[key]) < len(self.corpus)]
+        if not queries:
+            return self.name, None, f"nothing to rank: {len(self.queries)} queries, {len(self.corpus)} documents"
+        query_id = {key: f"q{index}" for index, key in enumerate(queries)}
+        corpus_id = {key: f"d{index}" for index, key in enumerate(self.corpus)}
+        return self.name, lambda batch_size: InformationRetrievalEvaluator(
+            {query_id[key]: self.queries[key] for key in queries},
+            {corpus_id[key]: document for key, document in self.corpus.items()},
+            {query_id[key]: {corpus_id[document] for document in self.relevant[key]} for key in queries},
+            accuracy_at_k=[1, 5],
+            precision_recall_at_k=[1],
+            mrr_at_k=[10],
+            ndcg_at_k=[10],
+            map_at_k=[10],
+            batch_size=batch_size,
+            name=self.name,
+            write_csv=False,
+            # Cosine whatever the model's similarity_fn_name: viOmni embeddings are normalised, and summarize
+            # reads the cosine keys.
+            score_functions={"cosine": cos_sim},
+            main_score_function="cosine",
+        ), None
+
+
+def _task_retrieval(task: str, rows: list[Mapping[str, Any]]):
+    retrieval = _Retrieval(task)
+    for row in rows:
+        # Anchor and positive of one task share its prefix: equal keys mean equal rendered inputs.
+        document = positive_key(row["positive"], row["positive_images"])
+        retrieval.add_document(document, lambda: format_input(task, row["positive"], row["positive_images"]))
         if task == "text_pair" and float(row["score"]) < TEXT_PAIR_RELEVANCE:
             continue
-        queries[f"q{index}"] = format_input(task, row["anchor"], row["anchor_images"])
-        relevant[f"q{index}"] = {key_to_corpus_id[key]}
-    if not queries or len(corpus) < 2:
-        return None
-    return _retrieval(queries, corpus, relevant, task, batch_size)
+        query = positive_key(row["anchor"], row["anchor_images"])
+        retrieval.add_query(query, lambda: format_input(task, row["anchor"], row["anchor_images"]), document)
+    return retrieval.candidate()
 
 
-def _cross_modal_retrieval(rows: list[Mapping[str, Any]], batch_size: int) -> list[InformationRetrievalEvaluator]:
-    images, texts, text_of_key = {}, {}, {}
-    pair_keys = []
-    for index, row in enumerate(rows):
-        key = positive_key(row["positive"], row["positive_images"])
-        images[f"i{index}"] = format_input(row["task"], None, row["anchor_images"])
-        text_of_key.setdefault(key, f"t{len(text_of_key)}")
-        texts[text_of_key[key]] = format_input(row["task"], row["positive"], row["positive_images"])
-        pair_keys.append(key)
-    # Pictures of the same text (or scenes with the same caption) are all relevant to that text.
-    images_of_key: dict[int, set[str]] = {}
-    for index, key in enumerate(pair_keys):
-        images_of_key.setdefault(key, set()).add(f"i{index}")
-    image_to_text = {f"i{index}": {text_of_key[key]} for index, key in enumerate(pair_keys)}
-    text_to_image = {text_of_key[key]: images_of_key[key] for key in images_of_key}
-    return [
-        _retrieval(images, texts, image_to_text, "image_to_text", batch_size),
-        _retrieval(texts, images, text_to_image, "text_to_image", batch_size),
-    ]
+def _cross_modal_retrieval(rows: list[Mapping[str, Any]]):
+    image_to_text, text_to_image = _Retrieval("image_to_text"), _Retrieval("text_to_image")
+    for row in rows:
+        # The prefix is part of the input: the same text under two tasks is two documents.
+        text = ("text", row["task"], positive_key(row["positive"], row["positive_images"]))
+        images = ("images", row["task"], positive_key(None, row["anchor_images"]))
+        render_text = lambda: format_input(row["task"], row["positive"], row["positive_images"])  # noqa: E731
+        render_images = lambda: format_input(row["task"], None, row["anchor_images"])  # noqa: E731
+        image_to_text.add_document(text, render_text)
+        image_to_text.add_query(images, render_images, text)
+        text_to_image.add_document(images, render_images)
+        text_to_image.add_query(text, render_text, images)
+    return [image_to_text.candidate(), text_to_image.candidate()]
 
 
-def _retrieval(queries, corpus, relevant, name: str, batch_size: int) -> InformationRetrievalEvaluator:
-    return InformationRetrievalEvaluator(
-        queries,
-        corpus,
-        relevant,
-        accuracy_at_k=[1, 5],
-        precision_recall_at_k=[1],
-        mrr_at_k=[10],
-        ndcg_at_k=[10],
-        map_at_k=[10],
+def _text_pair_similarity(pairs: list[Mapping[str, Any]]):
+    scores = [float(row["score"]) for row in pairs]
+    if len(set(scores)) < 2:
+        # Spearman of a constant is undefined (NaN), which would also make the sequential score NaN.
+        problem = f"nothing to correlate: {len(pairs)} pairs, {len(set(scores))} distinct gold scores"
+        return "text_pair_similarity", None, problem
+    return "text_pair_similarity", lambda batch_size: EmbeddingSimilarityEvaluator(
+        [format_input("text_pair", row["anchor"]) for row in pairs],
+        [format_input("text_pair", row["positive"]) for row in pairs],
+        scores,
         batch_size=batch_size,
-        name=name,
+        main_similarity="cosine",
+        similarity_fn_names=["cosine"],
+        name="text_pair_similarity",
         write_csv=False,
-        main_score_function="cosine",
-    )
+    ), None

@@ -21,28 +21,42 @@ def plot_run(
     import matplotlib.pyplot as plt
 
     figure, (losses, metrics) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.3]})
-    logged = [entry for entry in log_history if "loss" in entry and "step" in entry]
-    steps = [entry["step"] for entry in logged]
-    losses.plot(steps, [entry["loss"] for entry in logged], color="black", linewidth=2, label="loss (batch mean)")
-    for task in TASK_NAMES:
-        key = f"mean_loss_{task}"
-        if any(key in entry for entry in logged):
-            losses.plot(steps, [entry.get(key, float("nan")) for entry in logged], label=key)
+    for label, (steps, values) in loss_curves(log_history).items():
+        style = {"color": "black", "linewidth": 2} if label == "loss (batch mean)" else {}
+        losses.plot(steps, values, label=label, **style)
     losses.set_xlabel("step")
     losses.set_ylabel("training loss (mean over the task's samples)")
     losses.set_title("Training loss per task")
     losses.legend(fontsize=8)
 
     names = [name for name in before if name in after]
-    positions = range(len(names))
-    width = 0.4
-    metrics.bar([p - width / 2 for p in positions], [before[n] for n in names], width, label="before", color="#bbbbbb")
-    metrics.bar([p + width / 2 for p in positions], [after[n] for n in names], width, label="after", color="#2a6fdb")
-    metrics.set_xticks(list(positions), names, rotation=35, ha="right", fontsize=8)
-    metrics.set_ylim(min(0.0, *[before[n] for n in names], *[after[n] for n in names]), 1.0)
+    if names:
+        positions = range(len(names))
+        width = 0.4
+        old, new = [before[n] for n in names], [after[n] for n in names]
+        metrics.bar([p - width / 2 for p in positions], old, width, label="before", color="#bbbbbb")
+        metrics.bar([p + width / 2 for p in positions], new, width, label="after", color="#2a6fdb")
+        metrics.set_xticks(list(positions), names, rotation=35, ha="right", fontsize=8)
+        metrics.set_ylim(min([0.0, *old, *new]), 1.0)
+        metrics.legend()
+    else:
+        # A recipe without data.eval has nothing to compare; say so rather than draw empty axes.
+        metrics.text(0.5, 0.5, "no evaluation in this run", ha="center", va="center", transform=metrics.transAxes)
     metrics.set_title("Test metrics before and after training")
-    metrics.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return os.fspath(path)
+
+
+def loss_curves(log_history: Sequence[Mapping[str, float]]) -> dict[str, tuple[list[float], list[float]]]:
+    """The curves of the loss panel: ``label -> (steps, values)`` for the logged batch loss and each task's
+    ``mean_loss_<task>`` (written by :class:`losses.TaskLossLogger`); NaN where a step did not log the task."""
+    logged = [entry for entry in log_history if "loss" in entry and "step" in entry]
+    steps = [entry["step"] for entry in logged]
+    curves = {"loss (batch mean)": (steps, [entry["loss"] for entry in logged])}
+    for task in TASK_NAMES:
+        key = f"mean_loss_{task}"
+        if any(key in entry for entry in logged):
+            curves[key] = (steps, [entry.get(key, float("nan")) for entry in logged])
+    return curves

@@ -1,5 +1,9 @@
+import math
+
+import pytest
+
 from st_viomni.demo import DEMO_RECIPE, format_metrics_table
-from st_viomni.plots import plot_run
+from st_viomni.plots import loss_curves, plot_run
 from st_viomni.recipe import parse_recipe
 
 
@@ -11,15 +15,26 @@ def test_the_demo_is_a_valid_recipe_on_the_tiny_model_and_mini_mixture():
 
 
 def test_metrics_table_shows_before_after_and_change():
-    table = format_metrics_table({"recall@1/ocr": 0.05, "text_pair_spearman": 0.2},
-                                 {"recall@1/ocr": 0.25, "text_pair_spearman": 0.9})
+    table = format_metrics_table({"accuracy@1/ocr": 0.05, "text_pair_spearman": 0.2},
+                                 {"accuracy@1/ocr": 0.25, "text_pair_spearman": 0.9})
     lines = table.splitlines()
     assert lines[0].split() == ["metric", "before", "after", "change"]
-    assert lines[2].split() == ["recall@1/ocr", "0.050", "0.250", "+0.200"]
+    assert lines[2].split() == ["accuracy@1/ocr", "0.050", "0.250", "+0.200"]
     assert lines[3].split() == ["text_pair_spearman", "0.200", "0.900", "+0.700"]
 
 
-def test_plot_is_written(tmp_path):
-    history = [{"step": step, "loss": 2.0 / step, "loss_ocr": 1.0 / step, "loss_instr": 0.5 / step} for step in (1, 2, 3)]
-    path = plot_run(history, {"recall@1/ocr": 0.1}, {"recall@1/ocr": 0.4}, tmp_path / "training.png")
+def test_plot_draws_the_batch_loss_and_each_logged_task():
+    history = [{"step": 1, "loss": 2.0, "mean_loss_ocr": 1.0}, {"step": 2, "loss": 1.0, "mean_loss_instr": 0.5},
+               {"eval_loss": 3.0, "step": 2}]  # an evaluation log has no training loss
+    curves = loss_curves(history)
+    assert list(curves) == ["loss (batch mean)", "mean_loss_instr", "mean_loss_ocr"]
+    assert curves["loss (batch mean)"] == ([1, 2], [2.0, 1.0])
+    steps, ocr = curves["mean_loss_ocr"]
+    assert steps == [1, 2] and ocr[0] == 1.0 and math.isnan(ocr[1])
+
+
+@pytest.mark.parametrize("before, after", [({"accuracy@1/ocr": 0.1}, {"accuracy@1/ocr": 0.4}), ({}, {})])
+def test_plot_is_written_with_or_without_metrics(tmp_path, before, after):
+    history = [{"step": step, "loss": 2.0 / step, "mean_loss_ocr": 1.0 / step} for step in (1, 2, 3)]
+    path = plot_run(history, before, after, tmp_path / "training.png")
     assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.endswith("training.png")
