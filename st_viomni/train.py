@@ -106,7 +106,7 @@ def run_recipe(recipe: Recipe, *, callbacks: list | None = None) -> TrainingRun:
         logger.warning(
             f"training stopped after {trainer.state.global_step} of {trainer.state.max_steps} planned steps: the "
             "training data ran out (a stream that yields no batch: fewer valid samples than one batch, or none) or "
-            "a callback stopped it; the model card counts the samples of the steps taken"
+            "a callback stopped it; the model card estimates a stream's samples from the steps taken"
         )
     if evaluator is not None:
         run.after = summarize(trainer.evaluate())
@@ -350,16 +350,21 @@ def _samples_seen(trainer: SentenceTransformerTrainer, arguments: SentenceTransf
 
 def _fill_model_card(model, mixture, proportions, loss, run, samples_seen: int) -> None:
     total = sum(proportions.values())
-    if isinstance(mixture, Dataset):
+    streamed = not isinstance(mixture, Dataset)
+    if streamed:
+        # A stream has no length: each task's expected share of the samples the trainer took (not of max_steps,
+        # which a stream that ran dry never reached), marked as an estimate.
+        counts = {task: math.floor(samples_seen * weight / total) for task, weight in proportions.items()}
+        shares = {task: weight / total for task, weight in proportions.items()}
+    else:
+        # The samples of the training set: its realised mix, which a source with too few samples makes differ
+        # from the proportions asked for.
         counts = {task: 0 for task in proportions}
         for task in mixture["task"]:
             counts[task] += 1
-    else:
-        # A stream has no length: its share of the samples the trainer took (not of max_steps, which a stream
-        # that ran dry never reached).
-        counts = {task: math.floor(samples_seen * weight / total) for task, weight in proportions.items()}
+        shares = {task: count / max(sum(counts.values()), 1) for task, count in counts.items()}
     model.model_card_data.training_mix = {
-        task: {"samples": counts[task], "proportion": proportions[task] / total}
+        task: {"samples": counts[task], "share": shares[task], "estimated": streamed}
         for task in TASK_NAMES
         if task in proportions
     }

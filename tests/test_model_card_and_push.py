@@ -17,16 +17,18 @@ def _usage_snippet(card: str) -> str:
 
 
 def test_card_shows_tasks_training_and_evaluation(tiny_model, tmp_path):
-    tiny_model.model_card_data.training_mix = {"ocr": {"samples": 2_500_000, "proportion": 0.223}}
+    tiny_model.model_card_data.training_mix = {"ocr": {"samples": 2_500_000, "share": 0.223, "estimated": False}}
     tiny_model.model_card_data.loss_settings = {"loss": "PrefixRoutedLoss", "temperature": 0.05}
-    tiny_model.model_card_data.evaluation = [{"metric": "ocr recall@1", "before": 0.125, "after": 0.75}]
+    tiny_model.model_card_data.evaluation = [{"metric": "ocr accuracy@1", "before": 0.125, "after": 0.75}]
     tiny_model.save(str(tmp_path))
     card = (tmp_path / "README.md").read_text(encoding="utf-8")
     for name, prefix in [("text_pair", "<text_pair>"), ("ocr", "<ocr>"), ("vqa_multi", "<vqa_multi>")]:
         assert f"| `{name}` | `{prefix}` |" in card
     assert "| `ocr` | 2,500,000 | 22.3% |" in card
+    assert "The samples of each task in the training set (each seen once per epoch)" in card
+    assert "pip install -U sentence-transformers torchvision\n" in card  # a full model needs no peft
     assert "| temperature | `0.05` |" in card
-    assert "| ocr recall@1 | 0.1250 | 0.7500 |" in card
+    assert "| ocr accuracy@1 | 0.1250 | 0.7500 |" in card
     assert "viOmniQwen: Unified Multimodal Embeddings via Prefix-Guided Dynamic Loss Optimization" in card
     assert "**Output dimensionality:** 32" in card
 
