@@ -97,6 +97,7 @@ def _push(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"not a saved sentence-transformers model (no modules.json): {args.model_dir!r}")
     if args.repo_id.count("/") != 1 or args.repo_id.startswith("/") or args.repo_id.endswith("/"):
         raise ValueError(f"--repo-id must look like ORG/NAME, got {args.repo_id!r}")
+    _check_adapter_base(args.model_dir)
     model = load_model(args.model_dir)
     # replace_model_card=True re-renders the saved card with the repo id filled in, instead of probing the Hub
     # for an existing README (which skips the card when the probe fails).
@@ -110,6 +111,25 @@ def _push(args: argparse.Namespace) -> None:
     print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
 
 
+def _check_adapter_base(model_dir: str) -> None:
+    """Refuse LoRA adapters whose base is a path on this machine: the pushed model would load nowhere else."""
+    import json
+
+    from .recipe import is_local_model_path
+
+    path = os.path.join(model_dir, "adapter_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as file:
+        base = json.load(file).get("base_model_name_or_path") or ""
+    if is_local_model_path(base):
+        raise ValueError(
+            f"{path}: base_model_name_or_path {base!r} is a local path, and the adapters load their base by that "
+            "name: the pushed model would not load on any other machine; set it to the base's Hub id "
+            "(e.g. Qwen/Qwen2-VL-2B) and push again"
+        )
+
+
 def load_model(name_or_path: str):
     """Load a saved viOmni model from a directory or a hub id (``ORG/NAME``), naming a missing directory."""
     from .model import ViOmniQwen
@@ -117,7 +137,16 @@ def load_model(name_or_path: str):
     is_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
     if not os.path.isdir(name_or_path) and not is_hub_id:
         raise FileNotFoundError(f"model directory not found: {name_or_path!r}")
-    return ViOmniQwen(name_or_path)
+    try:
+        return ViOmniQwen(name_or_path)
+    except OSError as error:
+        if os.path.isdir(name_or_path):
+            raise
+        # ORG/NAME is also how a mistyped relative directory looks: say both.
+        raise OSError(
+            f"model not found: {name_or_path!r} is no local directory, and loading it from the Hub failed: "
+            f"{_one_line(error)}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,10 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe file, e.g. recipes/tiny-cpu.yaml")
     train.set_defaults(handler=_train)
 
-    evaluate = commands.add_parser("evaluate", help="retrieval recall@1 per task and cross-modal, text_pair Spearman")
+    evaluate = commands.add_parser("evaluate", help="retrieval accuracy@1 per task and cross-modal, text_pair Spearman")
     evaluate.add_argument("model", help="saved model directory or hub id")
     source = evaluate.add_mutually_exclusive_group()
-    source.add_argument("--mini", type=int, default=60, help="samples per task of the mini mixture's test split")
+    source.add_argument("--mini", type=_positive_int, default=60, metavar="N",
+                        help="samples per task of the mini mixture's test split (default 60)")
     source.add_argument("--recipe", default=None, help="use the data.eval sources of this recipe")
     evaluate.set_defaults(handler=_evaluate)
 
@@ -171,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", default="Add viOmniQwen model")
     push.set_defaults(handler=_push)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    # argparse names the option in front of the message: "argument --mini: expected a positive integer, got -2".
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What bad arguments, recipes and data raise; anything else is a bug and keeps its traceback."""
-    errors: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError)
     # datasets' errors on the user's data files (a malformed JSON line: DatasetGenerationError). Looked up only
     # once raised, so that commands that never load data do not import datasets.
     exceptions = sys.modules.get("datasets.exceptions")
@@ -199,7 +240,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _one_line(error: BaseException) -> str:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     cause = error.__cause__
-    if cause is not None and str(cause).strip() and not isinstance(error, (ValueError, OSError, KeyError)):
+    if cause is not None and str(cause).strip() and not isinstance(error, (ValueError, OSError)):
         # datasets' generic "An error occurred while generating the dataset": the cause says what was wrong.
         message = f"{message}: {str(cause).strip().splitlines()[0]}"
     return message

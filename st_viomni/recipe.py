@@ -216,7 +216,21 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
         raise RecipeError("training.max_steps: required with data.streaming (a stream has no length)")
     lora = _lora(raw["lora"]) if raw.get("lora") is not None else None
     hub = _build(HubRecipe, raw["hub"], "hub") if raw.get("hub") is not None else None
+    if lora is not None and hub is not None and (model.base == "tiny" or is_local_model_path(model.base)):
+        # Checked here, not after training: the run would end with a repository nobody else can load.
+        raise RecipeError(
+            f"hub: a LoRA model loads its base by the name in its adapter_config.json, and model.base "
+            f"{model.base!r} is {'the offline tiny model' if model.base == 'tiny' else 'a local path'}: "
+            f"{hub.repo_id} would not load on any other machine; set model.base to the base's Hub id "
+            "(e.g. Qwen/Qwen2-VL-2B), or drop lora or hub"
+        )
     return Recipe(model=model, data=data, training=training, loss=loss, lora=lora, hub=hub)
+
+
+def is_local_model_path(name: str) -> bool:
+    """Whether a model name is a path on this machine (an existing directory, absolute or ``.``/``~``-relative)
+    rather than a Hub id, which every machine can load."""
+    return os.path.isdir(name) or os.path.isabs(name) or name.startswith((".", "~"))
 
 
 def _lora(raw: Any) -> LoraRecipe:

@@ -1,5 +1,6 @@
-"""Shared fixtures: the offline tiny Qwen2-VL and viOmni models built on it (no hub, no download), and a
-stand-in for the Hub API that records uploads instead of sending them."""
+"""Shared fixtures: the offline tiny Qwen2-VL and viOmni models built on it (no hub, no download), a
+stand-in for the Hub API that records uploads instead of sending them, and a Hub cache that serves the tiny
+base under a Hub id offline."""
 
 from __future__ import annotations
 
@@ -104,8 +105,23 @@ def fake_hub(monkeypatch):
     return FakeHub().install(monkeypatch)
 
 
+TINY_BASE_HUB_ID = "erax/tiny-qwen2-vl-base"
+
+
 @pytest.fixture(scope="module")
-def module_fake_hub():
-    """A FakeHub in place of the Hub API for a whole module (one training run shared by its tests)."""
+def tiny_base_on_the_hub(tiny_base, tmp_path_factory):
+    """``TINY_BASE_HUB_ID``, loadable offline: the tiny base placed in a fresh Hub cache the way a download
+    leaves it (a snapshot and the ``main`` ref), for a whole module."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path_factory.mktemp("hub-cache")
+    commit = "0" * 40
+    repo = cache / f"models--{TINY_BASE_HUB_ID.replace('/', '--')}"
+    shutil.copytree(tiny_base, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
     with pytest.MonkeyPatch.context() as monkeypatch:
-        yield FakeHub().install(monkeypatch)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+        yield TINY_BASE_HUB_ID

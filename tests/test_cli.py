@@ -51,9 +51,21 @@ def test_encode_prints_or_saves_an_embedding(tiny_model, tmp_path, capsys):
         # YAML reads 1e-5 as a string: refused at load, not a traceback from the optimizer after the model load.
         (["train", "{tmp}/lr.yaml"], "training.learning_rate: expected float, got '1e-5'"),
         (["evaluate", "{tmp}/no-model", "--mini", "2"], "model directory not found"),
+        # ORG/NAME is a Hub id or a mistyped relative directory (here: offline, and not a directory of the cwd)
+        (["evaluate", "out/final", "--mini", "2"], "model not found: 'out/final' is no local directory, and "
+                                                   "loading it from the Hub failed: "),
+        (["evaluate", "{tmp}/model", "--mini", "1"],
+         "no evaluator can be built from these samples (text_pair 1, instr 1, ocr 1, vqa_single 1, vqa_multi 1): "
+         "text_pair: nothing to rank"),
     ],
 )
-def test_bad_arguments_give_a_one_line_error(tmp_path, capsys, argv, message):
+def test_bad_arguments_give_a_one_line_error(tiny_base, tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    if "{tmp}/model" in argv:
+        from st_viomni import build_model
+
+        build_model(tiny_base, embedding_dim=32).save(str(tmp_path / "model"))
+        capsys.readouterr()
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (tmp_path / "typo.yaml").write_text(
         "model: {base: tiny}\ndata: {train: [{mini: 2}]}\nloss: {temprature: 0.1}\ntraining: {output_dir: o}\n"
@@ -64,8 +76,11 @@ def test_bad_arguments_give_a_one_line_error(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main([arg.format(tmp=tmp_path) for arg in argv])
     assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert error.startswith("st-viomni: error: ") and message in error and error.count("\n") == 1, error
+    # One error line, after the progress bar of a model that loads.
+    stderr = capsys.readouterr().err
+    error = stderr.rstrip("\n").split("\n")[-1]
+    assert "Traceback" not in stderr and stderr.endswith(error + "\n")
+    assert error.startswith("st-viomni: error: ") and message in error, error
 
 
 def test_a_malformed_data_file_gives_a_one_line_error(tmp_path, capsys):
@@ -82,6 +97,26 @@ def test_a_malformed_data_file_gives_a_one_line_error(tmp_path, capsys):
     # datasets' DatasetGenerationError ("An error occurred while generating the dataset") with what its cause says
     assert "Traceback" not in error and error.splitlines()[-1].startswith("st-viomni: error: ")
     assert "JSON parse error" in error.splitlines()[-1], error
+
+
+def test_evaluate_prints_every_headline_metric(tiny_model, tmp_path, capsys):
+    tiny_model.save(str(tmp_path / "model"))
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "model"), "--mini", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["metric", "value"]
+    names = [line.split()[0] for line in lines[1:]]
+    assert names == ["accuracy@1/text_pair", "accuracy@1/instr", "accuracy@1/ocr", "accuracy@1/vqa_single",
+                     "accuracy@1/vqa_multi", "image_to_text_accuracy@1", "text_to_image_accuracy@1",
+                     "text_pair_spearman"]
+    assert all(-1 <= float(line.split()[1]) <= 1 for line in lines[1:])
+
+
+def test_a_sample_count_below_one_names_the_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "model", "--mini", "-2"])
+    assert exit_info.value.code == 2
+    assert "argument --mini: expected a positive integer, got '-2'" in capsys.readouterr().err
 
 
 def test_unknown_task_is_rejected_by_the_parser(capsys):

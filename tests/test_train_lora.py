@@ -1,8 +1,9 @@
 """A recipe with a `lora:` section, run end to end on the tiny model (needs peft, in the dev extra): what
-trains, what is saved, what loads, what a `hub:` section pushes at the end (against conftest.py's FakeHub),
-how a run resumes, and the errors for LoRA settings that cannot work.
+trains, what is saved, what loads, what a `hub:` section and `st-viomni push` send to the Hub (against
+conftest.py's FakeHub) and when they refuse, how a run resumes, and the errors for LoRA settings that cannot
+work.
 
-One run (a few seconds on 2 cores) is shared by the first three tests.
+One run (a few seconds on 2 cores) is shared by the tests that take `lora_run`.
 """
 
 import json
@@ -18,6 +19,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import TrainerCallback
 
 from st_viomni import format_input
+from st_viomni.cli import main
 from st_viomni.recipe import RecipeError, parse_recipe
 from st_viomni.train import run_recipe
 
@@ -44,7 +46,6 @@ def _raw_recipe(output_dir: str, **sections) -> dict:
             "save_strategy": "no",
             "seed": 0,
         },
-        "hub": {"repo_id": REPO_ID, "private": True},
     }
     raw.update(sections)
     return raw
@@ -62,17 +63,17 @@ class _Snapshot(TrainerCallback):
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, module_fake_hub):
+def lora_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lora")
     snapshot = _Snapshot()
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.chdir(workdir)
         run = run_recipe(parse_recipe(_raw_recipe("run")), callbacks=[snapshot])
-    return run, snapshot, workdir / "run", module_fake_hub
+    return run, snapshot, workdir / "run"
 
 
 def test_only_the_adapters_and_the_dense_head_train(lora_run):
-    run, snapshot, _, _ = lora_run
+    run, snapshot, _ = lora_run
     assert [entry for entry in run.log_history if "loss" in entry], "no training step was logged"
     after = snapshot.model.state_dict()
     changed = {name for name, tensor in snapshot.before.items() if not torch.equal(tensor, after[name])}
@@ -89,7 +90,7 @@ def test_only_the_adapters_and_the_dense_head_train(lora_run):
 
 def test_final_holds_adapters_in_safetensors_and_loads_with_plain_sentence_transformers(lora_run, tmp_path,
                                                                                         monkeypatch):
-    run, snapshot, output_dir, _ = lora_run
+    run, snapshot, output_dir = lora_run
     final = output_dir / "final"
     assert run.model_dir == os.path.join("run", "final")
     weights = load_file(final / "adapter_model.safetensors")
@@ -122,32 +123,76 @@ def test_final_holds_adapters_in_safetensors_and_loads_with_plain_sentence_trans
     assert np.abs(without - expected[0]).max() > 1e-3
 
 
-def test_hub_section_pushes_the_final_model_to_a_private_repo(lora_run):
-    run, _, output_dir, hub = lora_run
-    assert hub.repos == [{"repo_id": REPO_ID, "private": True}]
-    (upload,) = hub.uploads
+def test_hub_section_pushes_adapters_that_name_the_base_by_its_hub_id(tmp_path, monkeypatch, fake_hub,
+                                                                       tiny_base_on_the_hub):
+    monkeypatch.chdir(tmp_path)
+    raw = _raw_recipe("run", hub={"repo_id": REPO_ID, "private": True})
+    raw["model"]["base"] = tiny_base_on_the_hub
+    raw["training"]["max_steps"] = 1
+    run = run_recipe(parse_recipe(raw))
+    assert fake_hub.repos == [{"repo_id": REPO_ID, "private": True}]
+    (upload,) = fake_hub.uploads
     assert upload["repo_id"] == REPO_ID
     files = upload["files"]
-    final = output_dir / "final"
+    final = tmp_path / "run" / "final"
     saved = {str(path.relative_to(final)) for path in final.rglob("*") if path.is_file()}
     assert set(files) == saved  # the same files as final/
-    for required in ("adapter_model.safetensors", "adapter_config.json", "2_Dense/config.json", *hub.MODEL_FILES):
+    for required in ("adapter_model.safetensors", "adapter_config.json", "2_Dense/config.json", *fake_hub.MODEL_FILES):
         assert required in files, required
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
+    # Whoever loads the repository finds the base by this name.
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == tiny_base_on_the_hub
     assert b"<vqa_multi>" in files["chat_template.jinja"]
     card = files["README.md"].decode()
     assert f'SentenceTransformer("{REPO_ID}")' in card
+    assert "pip install -U sentence-transformers torchvision peft\n" in card  # adapters load with peft
     # The evaluation table: every metric of the run, before and after training.
     assert "| metric | before training | after training |" in card
     for metric in run.after:
         assert f"| {metric} | {run.before[metric]:.4f} | {run.after[metric]:.4f} |" in card
 
 
+@pytest.mark.parametrize("base, what", [("tiny", "the offline tiny model"), (".", "a local path")])
+def test_a_hub_section_with_lora_on_a_local_base_is_refused_before_training(base, what):
+    raw = _raw_recipe("run", hub={"repo_id": REPO_ID})
+    raw["model"]["base"] = base
+    with pytest.raises(RecipeError, match=rf"^hub: a LoRA model loads its base .* is {what}: {REPO_ID} would not "
+                                          r"load on any other machine; set model.base to the base's Hub id"):
+        parse_recipe(raw)
+
+
+def test_push_refuses_adapters_on_a_local_base_and_sends_them_once_it_is_a_hub_id(lora_run, tmp_path, fake_hub,
+                                                                                 tiny_base_on_the_hub, capsys):
+    _, _, output_dir = lora_run
+    model_dir = tmp_path / "final"
+    shutil.copytree(output_dir / "final", model_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["push", str(model_dir), "--repo-id", REPO_ID])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "adapter_config.json: base_model_name_or_path" in error and str(output_dir / "tiny-base-seed0") in error
+    assert fake_hub.repos == [] and fake_hub.uploads == []
+
+    # The fix the message asks for: name the base by its Hub id (the same weights, served by the Hub cache).
+    config_path = model_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = tiny_base_on_the_hub
+    config_path.write_text(json.dumps(config))
+    assert main(["push", str(model_dir), "--repo-id", REPO_ID]) == 0
+    (upload,) = fake_hub.uploads
+    # push saves the loaded model again: the same adapters (peft marks a loaded adapter inference_mode).
+    pushed_config = json.loads(upload["files"]["adapter_config.json"])
+    assert {key: value for key, value in pushed_config.items() if config[key] != value} == {"inference_mode": True}
+    (tmp_path / "pushed.safetensors").write_bytes(upload["files"]["adapter_model.safetensors"])
+    pushed, saved = load_file(tmp_path / "pushed.safetensors"), load_file(model_dir / "adapter_model.safetensors")
+    assert pushed.keys() == saved.keys() and all(torch.equal(pushed[name], saved[name]) for name in saved)
+
+
 def test_a_lora_run_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch):
     # A checkpoint holds adapters only: resuming rebuilds the model on the base the adapter config names (the
     # tiny base's copy in the output directory) and must continue as if never stopped.
     monkeypatch.chdir(tmp_path)
-    raw = _raw_recipe("run", hub=None)
+    raw = _raw_recipe("run")
     raw["data"]["eval"] = []
     raw["training"].update(max_steps=4, save_strategy="steps", save_steps=2, save_total_limit=None)
     first = run_recipe(parse_recipe(raw))
@@ -178,7 +223,7 @@ def test_a_lora_run_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch):
 )
 def test_target_modules_that_cannot_be_adapted_name_the_key(tmp_path, monkeypatch, targets, message):
     monkeypatch.chdir(tmp_path)
-    raw = _raw_recipe("run", lora={"target_modules": targets}, hub=None)
+    raw = _raw_recipe("run", lora={"target_modules": targets})
     with pytest.raises(RecipeError, match=message):
         run_recipe(parse_recipe(raw))
     assert not (tmp_path / "run" / "final").exists()
@@ -190,7 +235,7 @@ def test_a_peft_release_too_old_for_transformers_is_named_before_training(tmp_pa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(transformers_peft, "MIN_PEFT_VERSION", "99.0")
     with pytest.raises(RecipeError, match=r"^lora: transformers \S+ needs peft >= 99\.0, and peft \S+ is installed"):
-        run_recipe(parse_recipe(_raw_recipe("run", hub=None)))
+        run_recipe(parse_recipe(_raw_recipe("run")))
     assert not (tmp_path / "run" / "final").exists()
 
 
