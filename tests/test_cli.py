@@ -25,6 +25,16 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and all(command in result.stdout for command in COMMANDS)
 
 
+def test_build_saves_a_model_that_loads_with_the_asked_dimension(tmp_path, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    assert main(["build", str(tmp_path / "model"), "--base", "tiny", "--embedding-dim", "16"]) == 0
+    assert capsys.readouterr().out.strip().startswith("saved a 16-d viOmni model on tiny to ")
+    model = SentenceTransformer(str(tmp_path / "model"))
+    assert model.encode(["x"], prompt_name="text_pair").shape == (1, 16)
+    assert model.prompts["ocr"] == "<ocr>"  # the task prefixes travel with the saved model
+
+
 def test_encode_prints_or_saves_an_embedding(tiny_model, tmp_path, capsys):
     tiny_model.save(str(tmp_path / "model"))
     image = tmp_path / "red.png"

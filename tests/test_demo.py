@@ -2,6 +2,9 @@ import math
 
 import pytest
 
+import json
+
+from st_viomni import demo
 from st_viomni.demo import DEMO_RECIPE, format_metrics_table
 from st_viomni.plots import loss_curves, plot_run
 from st_viomni.recipe import parse_recipe
@@ -12,6 +15,26 @@ def test_the_demo_is_a_valid_recipe_on_the_tiny_model_and_mini_mixture():
     assert recipe.model.base == "tiny"
     assert [source.mini for source in recipe.data.train] == [1000]
     assert [source.split for source in recipe.data.eval] == ["test"]
+
+
+def test_run_demo_trains_evaluates_and_writes_model_plot_and_metrics(tmp_path, monkeypatch, capsys):
+    # The demo's own code path on a smaller run (the full demo runs in CI: .ci/run).
+    small = {**DEMO_RECIPE,
+             "data": {**DEMO_RECIPE["data"], "train": [{"mini": 16, "split": "train"}],
+                      "eval": [{"mini": 6, "split": "test"}]},
+             "training": {**DEMO_RECIPE["training"], "num_train_epochs": 1, "per_device_train_batch_size": 16,
+                          "logging_steps": 1}}
+    monkeypatch.setattr(demo, "DEMO_RECIPE", small)
+    run = demo.run_demo(tmp_path / "demo")
+    out = capsys.readouterr().out
+    assert "\nmetric " in out and out.split("\nmetric ", 1)[1].split()[:3] == ["before", "after", "change"]
+    assert set(run.after) == set(run.before) and "text_pair_spearman" in run.after
+    for name in run.after:
+        assert f"{run.before[name]:.3f}" in out and f"{run.after[name]:.3f}" in out
+    assert (tmp_path / "demo" / "training.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["after"] == run.after
+    assert (tmp_path / "demo" / "final" / "modules.json").is_file()
+    assert [entry for entry in run.log_history if "loss" in entry], "no training step was logged"
 
 
 def test_metrics_table_shows_before_after_and_change():

@@ -62,6 +62,15 @@ def test_push_uploads_the_complete_model(tiny_model, tmp_path, fake_hub, capsys)
     assert "pushed" in capsys.readouterr().out
 
 
+def test_push_renders_a_card_for_a_model_saved_without_one(tiny_model, tmp_path, fake_hub):
+    tiny_model.save(str(tmp_path / "model"), create_model_card=False)
+    assert not (tmp_path / "model" / "README.md").exists()
+    assert main(["push", str(tmp_path / "model"), "--repo-id", "erax/viOmniQwen-tiny"]) == 0
+    (upload,) = fake_hub.uploads
+    card = upload["files"]["README.md"].decode()
+    assert 'SentenceTransformer("erax/viOmniQwen-tiny")' in card and "| `ocr` | `<ocr>` |" in card
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
