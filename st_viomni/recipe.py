@@ -27,8 +27,8 @@
         - {task: text_pair, hub: sentence-transformers/stsb, split: train, score_range: [0, 5]}
         - {task: ocr, json: data/ocr.jsonl, image_root: data/images, images_column: image_paths}
         - {mini: 200}           # the built-in mini mixture: 200 samples of every task
-      eval:
-        - {mini: 40}
+      eval:                     # evaluated before and after training (st_viomni.evaluation), encoding
+        - {mini: 40}            # training.per_device_eval_batch_size inputs at a time (32 when unset)
     loss:                       # st_viomni.losses.PrefixRoutedLoss / CachedPrefixRoutedLoss
       cached: true
       mini_batch_size: 8

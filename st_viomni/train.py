@@ -39,6 +39,7 @@ from .tasks import TASK_NAMES
 logger = logging.getLogger(__name__)
 
 TINY_BASE = "tiny"
+EVAL_BATCH_SIZE = 32  # rows the evaluators encode at a time when training.per_device_eval_batch_size is unset
 
 
 @dataclass
@@ -67,7 +68,10 @@ def run_recipe(recipe: Recipe, *, callbacks: list | None = None) -> TrainingRun:
     evaluator = None
     if recipe.data.eval:
         eval_samples = load_samples_by_task(recipe.data.eval, on_error="raise", seed=recipe.data.seed)
-        evaluator = build_evaluator(sample for part in eval_samples.values() for sample in part)
+        evaluator = build_evaluator(
+            (sample for part in eval_samples.values() for sample in part),
+            batch_size=recipe.training.get("per_device_eval_batch_size", EVAL_BATCH_SIZE),
+        )
 
     # Before the training arguments, which initialise torch.distributed: from then on transformers writes
     # checkpoints on rank 0 only, and every process builds the tiny base into a directory of its own.

@@ -117,6 +117,29 @@ def test_an_interrupted_checkpoint_write_is_skipped(tmp_path):
     assert last_complete_checkpoint(str(tmp_path / "nothing")) is None
 
 
+class _Built(Exception):
+    pass
+
+
+@pytest.mark.parametrize("training, batch_size", [({}, 32), ({"per_device_eval_batch_size": 3}, 3)])
+def test_the_evaluators_encode_per_device_eval_batch_size_rows_at_a_time(tmp_path, monkeypatch, training, batch_size):
+    from st_viomni import train
+
+    built = []
+
+    def build_evaluator(samples, batch_size):
+        built.append(batch_size)
+        raise _Built  # what matters is the batch size; no model is needed
+
+    monkeypatch.setattr(train, "build_evaluator", build_evaluator)
+    recipe = parse_recipe({"model": {"base": "tiny"},
+                           "data": {"train": [{"mini": 2}], "eval": [{"mini": 2, "split": "test"}]},
+                           "training": {"output_dir": str(tmp_path / "run"), **training}})
+    with pytest.raises(_Built):
+        run_recipe(recipe)
+    assert built == [batch_size]
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_validation_counts_every_source_row_once(tmp_path, streaming):
     rows = tmp_path / "pairs.jsonl"
