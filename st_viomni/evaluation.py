@@ -83,10 +83,10 @@ def build_evaluator(samples: Iterable[Mapping[str, Any]], *, batch_size: int = 3
         candidates.extend(_cross_modal_retrieval(cross_modal))
     if by_task["text_pair"]:
         candidates.append(_text_pair_similarity(by_task["text_pair"]))
-    evaluators = [build(batch_size) for _, build, problem in candidates if problem is None]
-    missing = [f"{name}: {problem}" for name, _, problem in candidates if problem is not None]
     if not candidates:
         raise ValueError("no evaluation sample: build_evaluator needs canonical samples of at least one task")
+    evaluators = [build(batch_size) for _, build, problem in candidates if problem is None]
+    missing = [f"{name}: {problem}" for name, _, problem in candidates if problem is not None]
     if not evaluators:
         found = ", ".join(f"{task} {len(rows)}" for task, rows in by_task.items() if rows)
         raise ValueError(f"no evaluator can be built from these samples ({found}): " + "; ".join(missing))
