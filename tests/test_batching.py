@@ -75,6 +75,23 @@ def test_embeddings_equal_stock_in_input_order_for_any_batch_size_and_order(save
     np.testing.assert_allclose(prompted, stock.encode(inputs[:6], prompt_name="ocr"), atol=1e-5)
 
 
+def test_inputs_each_over_the_token_budget_are_encoded_one_by_one_as_stock(saved, images, monkeypatch):
+    model, stock = saved
+    # An empty string and a repeated input among them; with a budget of 1 token every batch holds one input.
+    inputs = [*_mixed_inputs(images)[:6], "", "short", _mixed_inputs(images)[0]]
+    reference = stock.encode(inputs, batch_size=1)
+    calls = []
+    handle = model[0].register_forward_pre_hook(lambda module, args: calls.append(len(args[0]["input_ids"])))
+    try:
+        np.testing.assert_allclose(model.encode(inputs, max_batch_tokens=1), reference, atol=1e-5)
+    finally:
+        handle.remove()
+    assert calls == [1] * len(inputs)
+    # Without the background decoding of the next batch: the same embeddings.
+    monkeypatch.setattr(batching, "PREFETCH", False)
+    np.testing.assert_allclose(model.encode(inputs, batch_size=3), reference, atol=1e-5)
+
+
 def test_encode_keeps_stock_output_forms(saved, images):
     model, stock = saved
     inputs = _mixed_inputs(images)[:5]

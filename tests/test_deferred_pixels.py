@@ -184,7 +184,11 @@ def test_the_grid_from_the_size_is_the_image_processors(tiny_model, size):
 
 
 @pytest.mark.parametrize(
-    "options", [{"mini_batch_size": 2}, {"mini_batch_size": 8, "mini_batch_num_tokens": 40}], ids=["rows", "tokens"]
+    "options",
+    # A budget of 1: every row is a mini-batch of its own, with its own images or none.
+    [{"mini_batch_size": 2}, {"mini_batch_size": 8, "mini_batch_num_tokens": 40},
+     {"mini_batch_size": 8, "mini_batch_num_tokens": 1}],
+    ids=["rows", "tokens", "a-row-each"],
 )
 def test_the_cached_loss_on_deferred_pixels_equals_the_plain_loss_on_stock_batches(tiny_model, monkeypatch, options):
     # With a token budget the rows are also taken by length (and the embeddings put back in batch order).

@@ -57,8 +57,10 @@ def loss_and_gradients(model, loss_fn, rows):
     "options",
     # A token budget also takes each column's rows by length (each mini-batch gathers its rows and their pixels),
     # then restores batch order.
-    [{"mini_batch_size": 2}, {"mini_batch_size": 8, "mini_batch_num_tokens": 40}],
-    ids=["rows", "tokens"],
+    # A budget of 1 token makes every row its own mini-batch, text-only rows of an image column included.
+    [{"mini_batch_size": 2}, {"mini_batch_size": 8, "mini_batch_num_tokens": 40},
+     {"mini_batch_size": 8, "mini_batch_num_tokens": 1}],
+    ids=["rows", "tokens", "a-row-each"],
 )
 def test_cached_loss_equals_plain_loss_in_value_components_and_gradients(tiny_model, options):
     tiny_model.train()
@@ -118,6 +120,30 @@ def test_bad_row_fails_before_the_forward_pass(tiny_model):
     for loss in (PrefixRoutedLoss(tiny_model), CachedPrefixRoutedLoss(tiny_model)):
         with pytest.raises(ValueError, match="row 1: task 'text_pair' needs a gold score"):
             loss(features, labels)
+
+
+@pytest.mark.parametrize("options", [{"mini_batch_size": 2}, {"mini_batch_size": 8, "mini_batch_num_tokens": 40}],
+                         ids=["rows", "tokens"])
+def test_inside_matryoshka_loss_the_cached_loss_equals_the_plain_one(tiny_model, options):
+    # MatryoshkaLoss decorates the cached loss's calculate_loss, inside which the token budget's reordering runs.
+    from sentence_transformers.losses import MatryoshkaLoss
+
+    tiny_model.train()
+    rows = mixed_rows()
+
+    def value_and_gradients(inner):
+        tiny_model.zero_grad(set_to_none=True)
+        value = MatryoshkaLoss(tiny_model, inner, matryoshka_dims=[32, 16])(*collate(tiny_model, rows))
+        value.backward()
+        return value.item(), {name: p.grad.clone() for name, p in tiny_model.named_parameters() if p.grad is not None}
+
+    plain_value, plain_gradients = value_and_gradients(PrefixRoutedLoss(tiny_model))
+    cached_value, cached_gradients = value_and_gradients(CachedPrefixRoutedLoss(tiny_model, **options))
+    assert cached_value == pytest.approx(plain_value, rel=RELATIVE_TOLERANCE)
+    assert set(cached_gradients) == set(plain_gradients)
+    for name, plain_gradient in plain_gradients.items():
+        error = (cached_gradients[name] - plain_gradient).norm() / plain_gradient.norm().clamp_min(1e-30)
+        assert error <= RELATIVE_TOLERANCE, f"{name}: relative gradient error {error:.2e}"
 
 
 @pytest.mark.parametrize("loss_class", [PrefixRoutedLoss, CachedPrefixRoutedLoss])
