@@ -334,16 +334,25 @@ def plan_batches(
 def cpu_batch_bounds(model: Any) -> tuple[int | None, int | None]:
     """``(max_tokens, max_patches)`` per batch that keep a CPU forward's MLP activations within
     :data:`CPU_ACTIVATION_BYTES`: padded tokens times the language model's ``intermediate_size``, and image
-    patches times the vision tower's MLP width, in the model's dtype. None where the config does not say."""
-    config = getattr(model[0].model, "config", None)
+    patches times the vision tower's MLP width, each in its tower's dtype. None where the config does not say."""
+    qwen2_vl = model[0].model
+    config = getattr(qwen2_vl, "config", None)
     text_config = getattr(config, "text_config", None)
     vision_config = getattr(config, "vision_config", None)
-    itemsize = next(model.parameters()).element_size()
     intermediate = getattr(text_config, "intermediate_size", None)
     embed_dim, mlp_ratio = getattr(vision_config, "embed_dim", None), getattr(vision_config, "mlp_ratio", None)
-    max_tokens = CPU_ACTIVATION_BYTES // (intermediate * itemsize) if intermediate else None
-    max_patches = CPU_ACTIVATION_BYTES // (int(embed_dim * mlp_ratio) * itemsize) if embed_dim and mlp_ratio else None
+    max_tokens = max_patches = None
+    if intermediate:
+        max_tokens = CPU_ACTIVATION_BYTES // (intermediate * _itemsize(qwen2_vl, "language_model"))
+    if embed_dim and mlp_ratio:
+        max_patches = CPU_ACTIVATION_BYTES // (int(embed_dim * mlp_ratio) * _itemsize(qwen2_vl, "visual"))
     return max_tokens, max_patches
+
+
+def _itemsize(qwen2_vl: Any, tower: str) -> int:
+    # A tower may be kept in another dtype than the rest (e.g. the vision tower in float32 under a bf16 model).
+    module = getattr(qwen2_vl, tower, qwen2_vl)
+    return next(module.parameters()).element_size()
 
 
 def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:

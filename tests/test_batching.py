@@ -184,6 +184,16 @@ def test_cpu_bounds_keep_mlp_activations_within_the_budget(saved):
     assert max_patches == batching.CPU_ACTIVATION_BYTES // (vision.embed_dim * vision.mlp_ratio * 4)
 
 
+def test_cpu_bounds_use_each_towers_dtype(tiny_base):
+    torch.manual_seed(0)
+    model = build_model(tiny_base, embedding_dim=32)
+    text, vision = model[0].model.config.text_config, model[0].model.config.vision_config
+    model[0].model.language_model.to(torch.bfloat16)  # the vision tower stays in float32
+    max_tokens, max_patches = cpu_batch_bounds(model)
+    assert max_tokens == batching.CPU_ACTIVATION_BYTES // (text.intermediate_size * 2)
+    assert max_patches == batching.CPU_ACTIVATION_BYTES // (vision.embed_dim * vision.mlp_ratio * 4)
+
+
 def test_cpu_encode_keeps_each_batch_within_the_bounds(saved, images, monkeypatch):
     model, stock = saved
     inputs = _mixed_inputs(images) * 2
