@@ -77,12 +77,13 @@ def build_evaluator(samples: Iterable[Mapping[str, Any]], *, batch_size: int = 3
     by_task: dict[str, list[Mapping[str, Any]]] = {name: [] for name in TASK_NAMES}
     for sample in samples:
         by_task[get_task(sample["task"]).name].append(sample)
-    candidates = [_task_retrieval(task, rows) for task, rows in by_task.items() if rows]
+    inputs = _Inputs()
+    candidates = [_task_retrieval(task, rows, inputs) for task, rows in by_task.items() if rows]
     cross_modal = [row for task in CROSS_MODAL_TASKS for row in by_task[task] if _is_image_only_pair(row)]
     if cross_modal:
-        candidates.extend(_cross_modal_retrieval(cross_modal))
+        candidates.extend(_cross_modal_retrieval(cross_modal, inputs))
     if by_task["text_pair"]:
-        candidates.append(_text_pair_similarity(by_task["text_pair"]))
+        candidates.append(_text_pair_similarity(by_task["text_pair"], inputs))
     if not candidates:
         raise ValueError("no evaluation sample: build_evaluator needs canonical samples of at least one task")
     evaluators = [build(batch_size) for _, build, problem in candidates if problem is None]
@@ -120,6 +121,21 @@ def _is_image_only_pair(sample: Mapping[str, Any]) -> bool:
     return bool(sample["anchor_images"]) and not sample["anchor"] and bool(sample["positive"])
 
 
+class _Inputs:
+    """Each distinct input rendered once, whichever evaluators and samples hold it (``format_input`` decodes
+    its images): ``inputs(task, text, images)`` gives its content key and the rendered input."""
+
+    def __init__(self):
+        self._rendered: dict[tuple[str, int], Any] = {}
+
+    def __call__(self, task: str, text: str | None, images) -> tuple[tuple[str, int], Any]:
+        # The prefix is part of the input: the same text under two tasks is two inputs.
+        key = (task, positive_key(text, images))
+        if key not in self._rendered:
+            self._rendered[key] = format_input(task, text, images)
+        return key, self._rendered[key]
+
+
 class _Retrieval:
     """Queries and documents of one retrieval, each distinct content once, with their relevance."""
 
@@ -129,13 +145,11 @@ class _Retrieval:
         self.corpus: dict[Any, Any] = {}
         self.relevant: dict[Any, set[Any]] = {}
 
-    def add_document(self, key, render) -> None:
-        if key not in self.corpus:
-            self.corpus[key] = render()
+    def add_document(self, key, document) -> None:
+        self.corpus.setdefault(key, document)
 
-    def add_query(self, key, render, document_key) -> None:
-        if key not in self.queries:
-            self.queries[key] = render()
+    def add_query(self, key, query, document_key) -> None:
+        self.queries.setdefault(key, query)
         self.relevant.setdefault(key, set()).add(document_key)
 
     def candidate(self):
@@ -166,43 +180,39 @@ class _Retrieval:
         ), None
 
 
-def _task_retrieval(task: str, rows: list[Mapping[str, Any]]):
+def _task_retrieval(task: str, rows: list[Mapping[str, Any]], inputs: _Inputs):
     retrieval = _Retrieval(task)
     for row in rows:
-        # Anchor and positive of one task share its prefix: equal keys mean equal rendered inputs.
-        document = positive_key(row["positive"], row["positive_images"])
-        retrieval.add_document(document, lambda: format_input(task, row["positive"], row["positive_images"]))
+        document_key, document = inputs(task, row["positive"], row["positive_images"])
+        retrieval.add_document(document_key, document)
         if task == "text_pair" and float(row["score"]) < TEXT_PAIR_RELEVANCE:
             continue
-        query = positive_key(row["anchor"], row["anchor_images"])
-        retrieval.add_query(query, lambda: format_input(task, row["anchor"], row["anchor_images"]), document)
+        query_key, query = inputs(task, row["anchor"], row["anchor_images"])
+        retrieval.add_query(query_key, query, document_key)
     return retrieval.candidate()
 
 
-def _cross_modal_retrieval(rows: list[Mapping[str, Any]]):
+def _cross_modal_retrieval(rows: list[Mapping[str, Any]], inputs: _Inputs):
     image_to_text, text_to_image = _Retrieval("image_to_text"), _Retrieval("text_to_image")
     for row in rows:
-        # The prefix is part of the input: the same text under two tasks is two documents.
-        text = ("text", row["task"], positive_key(row["positive"], row["positive_images"]))
-        images = ("images", row["task"], positive_key(None, row["anchor_images"]))
-        render_text = lambda: format_input(row["task"], row["positive"], row["positive_images"])  # noqa: E731
-        render_images = lambda: format_input(row["task"], None, row["anchor_images"])  # noqa: E731
-        image_to_text.add_document(text, render_text)
-        image_to_text.add_query(images, render_images, text)
-        text_to_image.add_document(images, render_images)
-        text_to_image.add_query(text, render_text, images)
+        text_key, text = inputs(row["task"], row["positive"], row["positive_images"])
+        images_key, images = inputs(row["task"], None, row["anchor_images"])
+        image_to_text.add_document(text_key, text)
+        image_to_text.add_query(images_key, images, text_key)
+        text_to_image.add_document(images_key, images)
+        text_to_image.add_query(text_key, text, images_key)
     return [image_to_text.candidate(), text_to_image.candidate()]
 
 
-def _text_pair_similarity(pairs: list[Mapping[str, Any]]):
+def _text_pair_similarity(pairs: list[Mapping[str, Any]], inputs: _Inputs):
     scores = [float(row["score"]) for row in pairs]
     if len(set(scores)) < 2:
         # Spearman of a constant is undefined (NaN), which would also make the sequential score NaN.
         problem = f"nothing to correlate: {len(pairs)} pairs, {len(set(scores))} distinct gold scores"
         return "text_pair_similarity", None, problem
     return "text_pair_similarity", lambda batch_size: EmbeddingSimilarityEvaluator(
-        [format_input("text_pair", row["anchor"]) for row in pairs],
-        [format_input("text_pair", row["positive"]) for row in pairs],
+        [inputs("text_pair", row["anchor"], [])[1] for row in pairs],
+        [inputs("text_pair", row["positive"], [])[1] for row in pairs],
         scores,
         batch_size=batch_size,
         main_similarity="cosine",
