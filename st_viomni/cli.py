@@ -13,9 +13,8 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 
+from .recipe import TINY_BASE, is_local_model_path
 from .tasks import TASK_NAMES
-
-TINY = "tiny"
 
 
 def _build(args: argparse.Namespace) -> None:
@@ -23,7 +22,7 @@ def _build(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory(prefix="tiny-qwen2-vl-") as scratch:
         base = args.base
-        if base == TINY:
+        if base == TINY_BASE:
             from .testing import make_tiny_base_model
 
             base = str(make_tiny_base_model(scratch, seed=args.seed))
@@ -115,8 +114,6 @@ def _check_adapter_base(model_dir: str) -> None:
     """Refuse LoRA adapters whose base is a path on this machine: the pushed model would load nowhere else."""
     import json
 
-    from .recipe import is_local_model_path
-
     path = os.path.join(model_dir, "adapter_config.json")
     if not os.path.isfile(path):
         return
@@ -134,8 +131,7 @@ def load_model(name_or_path: str):
     """Load a saved viOmni model from a directory or a hub id (``ORG/NAME``), naming a missing directory."""
     from .model import ViOmniQwen
 
-    is_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
-    if not os.path.isdir(name_or_path) and not is_hub_id:
+    if not os.path.isdir(name_or_path) and (is_local_model_path(name_or_path) or name_or_path.count("/") != 1):
         raise FileNotFoundError(f"model directory not found: {name_or_path!r}")
     try:
         return ViOmniQwen(name_or_path)
@@ -157,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = commands.add_parser("build", help="build a viOmni model on a Qwen2-VL base and save it")
     build.add_argument("output_dir", help="where to save the model")
-    build.add_argument("--base", default=TINY, help=f"Qwen2-VL checkpoint (hub id or path), or {TINY!r} (default) "
-                       "for the offline tiny Qwen2-VL")
+    build.add_argument("--base", default=TINY_BASE, help="Qwen2-VL checkpoint (hub id or path), or "
+                       f"{TINY_BASE!r} (default) for the offline tiny Qwen2-VL")
     build.add_argument("--embedding-dim", type=int, default=1024)
     build.add_argument("--min-pixels", type=int, default=None)
     build.add_argument("--max-pixels", type=int, default=None)

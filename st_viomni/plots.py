@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 
 from .tasks import TASK_NAMES
 
+BATCH_LOSS = "loss (batch mean)"
+
 
 def plot_run(
     log_history: Sequence[Mapping[str, float]],
@@ -22,7 +24,7 @@ def plot_run(
 
     figure, (losses, metrics) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.3]})
     for label, (steps, values) in loss_curves(log_history).items():
-        style = {"color": "black", "linewidth": 2} if label == "loss (batch mean)" else {}
+        style = {"color": "black", "linewidth": 2} if label == BATCH_LOSS else {}
         losses.plot(steps, values, label=label, **style)
     losses.set_xlabel("step")
     losses.set_ylabel("training loss (mean over the task's samples)")
@@ -54,7 +56,7 @@ def loss_curves(log_history: Sequence[Mapping[str, float]]) -> dict[str, tuple[l
     ``mean_loss_<task>`` (written by :class:`losses.TaskLossLogger`); NaN where a step did not log the task."""
     logged = [entry for entry in log_history if "loss" in entry and "step" in entry]
     steps = [entry["step"] for entry in logged]
-    curves = {"loss (batch mean)": (steps, [entry["loss"] for entry in logged])}
+    curves = {BATCH_LOSS: (steps, [entry["loss"] for entry in logged])}
     for task in TASK_NAMES:
         key = f"mean_loss_{task}"
         if any(key in entry for entry in logged):

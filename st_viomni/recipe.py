@@ -74,6 +74,9 @@ import yaml
 
 from .tasks import TASK_NAMES, get_task
 
+TINY_BASE = "tiny"
+"""``model.base`` of the offline tiny Qwen2-VL (:func:`st_viomni.testing.make_tiny_base_model`), built per run."""
+
 LOADER_KEYS = ("task", "hub", "config", "json", "parquet", "mini", "split")
 
 
@@ -216,11 +219,11 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
         raise RecipeError("training.max_steps: required with data.streaming (a stream has no length)")
     lora = _lora(raw["lora"]) if raw.get("lora") is not None else None
     hub = _build(HubRecipe, raw["hub"], "hub") if raw.get("hub") is not None else None
-    if lora is not None and hub is not None and (model.base == "tiny" or is_local_model_path(model.base)):
+    if lora is not None and hub is not None and (model.base == TINY_BASE or is_local_model_path(model.base)):
         # Checked here, not after training: the run would end with a repository nobody else can load.
         raise RecipeError(
             f"hub: a LoRA model loads its base by the name in its adapter_config.json, and model.base "
-            f"{model.base!r} is {'the offline tiny model' if model.base == 'tiny' else 'a local path'}: "
+            f"{model.base!r} is {'the offline tiny model' if model.base == TINY_BASE else 'a local path'}: "
             f"{hub.repo_id} would not load on any other machine; set model.base to the base's Hub id "
             "(e.g. Qwen/Qwen2-VL-2B), or drop lora or hub"
         )

@@ -33,12 +33,11 @@ from .deferred_pixels import DeferredPixelCollator
 from .evaluation import build_evaluator, summarize
 from .losses import CachedPrefixRoutedLoss, PrefixRoutedLoss, TaskLossLogger
 from .model import ViOmniQwen, build_model
-from .recipe import Recipe, RecipeError
+from .recipe import TINY_BASE, Recipe, RecipeError
 from .tasks import TASK_NAMES
 
 logger = logging.getLogger(__name__)
 
-TINY_BASE = "tiny"
 EVAL_BATCH_SIZE = 32  # rows the evaluators encode at a time when training.per_device_eval_batch_size is unset
 
 
